@@ -1,0 +1,105 @@
+"""The one stage vocabulary: names, forward order, layouts and shapes of every traced tensor.
+
+impl's trace, golden's recorder, the comparator, the report and the tests all take their stage
+names from here; a new stage is added in this file only. Tensors carry no batch dimension
+(one prompt of `seq` tokens). q and k are in Meta's layout: the two numbers that RoPE rotates
+together sit side by side (interleaved pairs), as complex-number RoPE expects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from impl.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    per_layer: bool
+    shape: Callable[[ModelConfig, int], tuple[int, ...]]  # (config, seq) -> shape
+    what: str
+
+
+def _s(name: str, per_layer: bool, shape, what: str) -> Stage:
+    return Stage(name, per_layer, shape, what)
+
+
+# Forward order. `seq` is the prompt length; h = n_heads, kv = n_kv_heads, d = head_dim.
+STAGES: tuple[Stage, ...] = (
+    _s("tokens", False, lambda c, s: (s,), "token ids, int64"),
+    _s("embeddings", False, lambda c, s: (s, c.dim), "tok_embeddings[tokens]"),
+    _s("rope_cos", False, lambda c, s: (s, c.head_dim // 2), "cos of the RoPE angle per position and pair"),
+    _s("rope_sin", False, lambda c, s: (s, c.head_dim // 2), "sin of the RoPE angle per position and pair"),
+    _s("residual_in", True, lambda c, s: (s, c.dim), "the layer's input (residual stream)"),
+    _s("attn_norm", True, lambda c, s: (s, c.dim), "rms_norm(residual_in) * attention_norm.weight"),
+    _s("q", True, lambda c, s: (s, c.n_heads, c.head_dim), "x @ wq.T per head, interleaved pairs"),
+    _s("k", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wk.T per kv head, interleaved pairs"),
+    _s("v", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wv.T per kv head"),
+    _s("q_rope", True, lambda c, s: (s, c.n_heads, c.head_dim), "q after RoPE"),
+    _s("k_rope", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "k after RoPE"),
+    _s("scores", True, lambda c, s: (c.n_heads, s, s), "q.k / sqrt(d) with the causal mask; masked = -inf"),
+    _s("probs", True, lambda c, s: (c.n_heads, s, s), "softmax(scores) over keys"),
+    _s("attn_heads", True, lambda c, s: (s, c.n_heads, c.head_dim), "probs @ v per head, before wo"),
+    _s("attn_out", True, lambda c, s: (s, c.dim), "attn_heads flattened @ wo.T"),
+    _s("residual_attn", True, lambda c, s: (s, c.dim), "residual_in + attn_out"),
+    _s("ffn_norm", True, lambda c, s: (s, c.dim), "rms_norm(residual_attn) * ffn_norm.weight"),
+    _s("ffn_gate", True, lambda c, s: (s, c.hidden_dim), "silu(x @ w1.T)"),
+    _s("ffn_up", True, lambda c, s: (s, c.hidden_dim), "x @ w3.T"),
+    _s("ffn_hidden", True, lambda c, s: (s, c.hidden_dim), "ffn_gate * ffn_up"),
+    _s("ffn_out", True, lambda c, s: (s, c.dim), "ffn_hidden @ w2.T"),
+    _s("out", True, lambda c, s: (s, c.dim), "residual_attn + ffn_out: the layer's output"),
+    _s("norm", False, lambda c, s: (s, c.dim), "final rms_norm * norm.weight"),
+    _s("logits", False, lambda c, s: (c.vocab_size,), "logits of the last position (output or tied embedding)"),
+    _s("logprobs_last", False, lambda c, s: (c.vocab_size,), "log_softmax(logits) in fp32"),
+)
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+LAYER_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.per_layer)
+_FIRST_LAYER = STAGES.index(BY_NAME[LAYER_STAGES[0]])
+_AFTER_LAYERS = STAGES.index(BY_NAME[LAYER_STAGES[-1]]) + 1
+PRE_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES[:_FIRST_LAYER])
+POST_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES[_AFTER_LAYERS:])
+
+# Stages in the q/k layout that differs between Meta (interleaved pairs) and HF (rotate-half).
+QK_STAGES = frozenset({"q", "k", "q_rope", "k_rope"})
+# Attention-matrix stages: the causal mask puts -inf above the diagonal.
+MASKED_STAGES = frozenset({"scores"})
+
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(\w+)$")
+
+
+def key(stage: str, layer: int | None = None) -> str:
+    """The trace / golden key of a stage: `embeddings`, `layers.3.q_rope`."""
+    if stage not in BY_NAME:
+        raise KeyError(f"unknown stage {stage!r}")
+    if BY_NAME[stage].per_layer != (layer is not None):
+        raise KeyError(f"stage {stage!r} {'needs' if BY_NAME[stage].per_layer else 'takes no'} layer number")
+    return stage if layer is None else f"layers.{layer}.{stage}"
+
+
+def parse(name: str) -> tuple[int | None, str]:
+    """`layers.3.q_rope` -> (3, 'q_rope'); `logits` -> (None, 'logits'). KeyError for unknown names."""
+    m = _LAYER_RE.match(name)
+    layer, stage = (int(m.group(1)), m.group(2)) if m else (None, name)
+    key(stage, layer)  # validates
+    return layer, stage
+
+
+def all_keys(n_layers: int) -> list[str]:
+    """Every key in forward order for a model of n_layers."""
+    out = list(PRE_STAGES)
+    for i in range(n_layers):
+        out += [f"layers.{i}.{s}" for s in LAYER_STAGES]
+    return out + list(POST_STAGES)
+
+
+def expected_shape(name: str, config: ModelConfig, seq: int) -> tuple[int, ...]:
+    _, stage = parse(name)
+    return BY_NAME[stage].shape(config, seq)
+
+
+# The callback type that impl.model.forward and user implementations call for each stage.
+Trace = Callable[[str, "object"], None]
