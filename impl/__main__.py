@@ -1,0 +1,7 @@
+"""`python -m impl ...`: see impl.cli."""
+
+import sys
+
+from impl.cli import main
+
+sys.exit(main())
