@@ -32,10 +32,49 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- generate: the lead adds it here ------------------------------------------------------------
-# def cmd_generate(args): from impl.generate import ...   (import inside the function, not at module top)
-# and in build_parser(): sub.add_parser("generate", ...).set_defaults(func=cmd_generate)
-# -------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from impl.errors import PromptError
+    from impl.generate import generate
+    from impl.tokenizer import load_tokenizer
+    from impl.weights import load_checkpoint
+
+    if not args.prompt.strip():
+        raise PromptError("empty prompt: give --prompt some text")
+    if args.max_new_tokens < 1:
+        raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    ckpt = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    if ckpt.tokenizer is None:
+        raise PromptError(f"{args.model}: no tokenizer found beside the weights")
+    tokenizer = load_tokenizer(ckpt.tokenizer)
+    ids = tokenizer.encode(args.prompt)
+    if len(ids) >= ckpt.config.max_seq_len:
+        raise PromptError(f"the prompt is {len(ids)} tokens; the context of {args.model} is {ckpt.config.max_seq_len}")
+    printed = b""
+    out: list[int] = []
+
+    def stream(token: int) -> None:
+        # Print whole UTF-8 characters only: a character may span several byte-level tokens.
+        nonlocal printed
+        out.append(token)
+        if token in tokenizer.stop_ids:
+            return
+        text = tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]).encode()
+        if not text.endswith("\ufffd".encode()):
+            sys.stdout.write(text[len(printed):].decode(errors="replace"))
+            sys.stdout.flush()
+            printed = text
+
+    sys.stdout.write(args.prompt)
+    generate(ids, ckpt.weights, ckpt.config, args.max_new_tokens, tokenizer.stop_ids, on_token=stream)
+    sys.stdout.write("\n")
+    return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read special-token text such as <|eot_id|> as the special token (default: plain text)")
     p.set_defaults(func=cmd_tokenize)
 
-    # generate: see the marked place above.
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, streamed")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="preset (smollm2-135m, tiny, meta-llama/...) or a local checkpoint (default: %(default)s)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.set_defaults(func=cmd_generate)
     return parser
 
 
