@@ -1,0 +1,222 @@
+"""The comparator: golden tensors vs any implementation's tensors, stage by stage, in forward order.
+
+It knows nothing about impl: it takes plain mappings of stage key -> tensor (a golden's and an
+implementation's) and returns a `Report`. Metrics per stage follow llama.cpp and TransformerLens:
+max-abs, relative (Frobenius) error, NMSE, cosine, the worst element; on logits also KL divergence
+and top-1 agreement. The first failing stage in forward order is *the* failure; later failures
+are marked as its consequences; stages an implementation does not report are "not checked",
+never "pass".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from golden import tolerances
+from impl import stages
+
+PASS, FAIL, CONSEQUENCE, NOT_CHECKED = "pass", "FAIL", "consequence", "not checked"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    max_abs: float
+    rel: float  # ||a - e|| / ||e|| over finite entries; inf if shapes or masks disagree
+    nmse: float  # ||a - e||^2 / ||e||^2 (llama.cpp)
+    cosine: float
+    worst_index: tuple[int, ...]
+    worst_actual: float
+    worst_expected: float
+    mask_mismatch: int = 0  # entries finite on one side only (e.g. a causal mask off by one)
+    problem: str = ""  # shape mismatch and the like
+
+
+def _bad(problem: str) -> Metrics:
+    return Metrics(math.inf, math.inf, math.inf, math.nan, (), math.nan, math.nan, 0, problem)
+
+
+def stage_metrics(actual: torch.Tensor, expected: torch.Tensor) -> Metrics:
+    """Compare two tensors of one stage in float64. -inf on both sides (masked scores) is equal."""
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if tuple(actual.shape) != tuple(expected.shape):
+        return _bad(f"shape {tuple(actual.shape)} != golden {tuple(expected.shape)}")
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    # HF masks with finfo(dtype).min rather than -inf: both mean "masked".
+    a, e = a.masked_fill(a < -1e30, -math.inf), e.masked_fill(e < -1e30, -math.inf)
+    fa, fe = torch.isfinite(a), torch.isfinite(e)
+    same_inf = (~fa) & (~fe) & (a == e)  # -inf == -inf; NaN never equal
+    mismatch = int(((fa != fe) | ((~fa) & (~fe) & ~same_inf)).sum())
+    both = fa & fe
+    a_f, e_f = a[both], e[both]
+    diff = (a_f - e_f).abs()
+    if diff.numel() == 0:
+        max_abs = rel = nmse = 0.0
+        cosine, worst, wa, we = 1.0, (), math.nan, math.nan
+    else:
+        flat = int(diff.argmax())
+        max_abs = float(diff[flat])
+        norm_e = float(e_f.norm())
+        err = float((a_f - e_f).norm())
+        rel = err / norm_e if norm_e > 0 else (0.0 if err == 0 else math.inf)
+        nmse = rel * rel
+        denom = float(a_f.norm()) * norm_e
+        cosine = float(a_f @ e_f) / denom if denom > 0 else (1.0 if err == 0 else 0.0)
+        worst = tuple(int(i) for i in torch.nonzero(both)[flat].tolist())
+        wa, we = float(a_f[flat]), float(e_f[flat])
+    if mismatch:
+        rel = nmse = math.inf
+    return Metrics(max_abs, rel, nmse, cosine, worst, wa, we, mismatch)
+
+
+@dataclass(frozen=True)
+class LogitsCheck:
+    kl: float  # KL(golden fp32 || implementation) at the last position
+    kl_limit: float
+    top1: int  # implementation's predicted token
+    top1_golden: int
+    top1_ok: bool
+    ref_kl: float | None = None  # the reference's own bf16 KL (bf16 checks only)
+
+    @property
+    def ok(self) -> bool:
+        return self.top1_ok and self.kl <= self.kl_limit
+
+
+@dataclass
+class StageResult:
+    key: str
+    layer: int | None
+    stage: str
+    status: str
+    metrics: Metrics | None
+    limit: float  # the bound on metrics.rel that was applied
+    ref_metrics: Metrics | None = None  # bf16: the reference's own error against the fp32 golden
+    note: str = ""
+
+
+@dataclass
+class Report:
+    dtype: str
+    results: list[StageResult]
+    logits: LogitsCheck | None = None
+    not_recorded: list[str] = field(default_factory=list)  # in the implementation, not in the golden
+
+    @property
+    def first_failure(self) -> StageResult | None:
+        return next((r for r in self.results if r.status == FAIL), None)
+
+    @property
+    def passed(self) -> bool:
+        return self.first_failure is None and (self.logits is None or self.logits.ok)
+
+    @property
+    def checked(self) -> list[StageResult]:
+        return [r for r in self.results if r.status != NOT_CHECKED]
+
+    def result(self, key: str) -> StageResult:
+        return next(r for r in self.results if r.key == key)
+
+    def to_dict(self) -> dict:
+        def clean(x):
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {k: clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        first = self.first_failure
+        return clean({
+            "dtype": self.dtype,
+            "passed": self.passed,
+            "first_failure": first.key if first else None,
+            "logits": asdict(self.logits) if self.logits else None,
+            "stages": [asdict(r) for r in self.results],
+            "not_recorded": self.not_recorded,
+        })
+
+
+def forward_order(keys) -> list[str]:
+    """Sort stage keys in forward order (pre-stages, layer 0's stages, layer 1's, ..., post-stages)."""
+    order = {s.name: i for i, s in enumerate(stages.STAGES)}
+    n_pre = len(stages.PRE_STAGES)
+
+    def rank(k: str) -> tuple[int, int, int]:
+        layer, stage = stages.parse(k)
+        if layer is not None:
+            return (1, layer, order[stage])
+        return (0 if order[stage] < n_pre else 2, 0, order[stage])
+
+    return sorted(keys, key=rank)
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """KL(softmax(p) || softmax(q)) in float64."""
+    lp = torch.log_softmax(p_logits.double(), -1)
+    lq = torch.log_softmax(q_logits.double(), -1)
+    return float((lp.exp() * (lp - lq)).sum())
+
+
+def check_logits(expected: torch.Tensor, actual: torch.Tensor, reference: torch.Tensor | None = None) -> LogitsCheck:
+    """llama.cpp's precision metrics on the last position's logits.
+
+    Top-1 must match the fp32 golden's, unless the golden's logit for the implementation's
+    pick is within the noise of the precision being checked (a near-tie).
+    """
+    expected, actual = expected.double(), actual.double()
+    kl = _kl(expected, actual)
+    top1, top1_golden = int(actual.argmax()), int(expected.argmax())
+    if reference is None:
+        noise, ref_kl = tolerances.DEFAULT.fp32_rel * float(expected.abs().max()), None
+        kl_limit = tolerances.KL_FLOOR * 1e-2
+    else:
+        reference = reference.double()
+        noise = 2 * float((reference - expected).abs().max())
+        ref_kl = _kl(expected, reference)
+        kl_limit = tolerances.KL_FACTOR * ref_kl + tolerances.KL_FLOOR
+    gap = float(expected[top1_golden] - expected[top1]) if 0 <= top1 < expected.numel() else math.inf
+    return LogitsCheck(kl, kl_limit, top1, top1_golden, top1 == top1_golden or gap <= noise, ref_kl)
+
+
+def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str = "fp32",
+            reference: Mapping[str, torch.Tensor] | None = None) -> Report:
+    """Check `actual` against the fp32 golden `expected`, every stage the golden holds.
+
+    dtype "fp32": relative error within the fp32 bound. dtype "bf16": `reference` is the
+    reference's bf16 golden of the same model and prompt; the implementation's error against
+    the fp32 golden may be at most factor x the reference's own error (+ floor).
+    """
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype must be fp32 or bf16, not {dtype!r}")
+    if dtype == "bf16" and reference is None:
+        raise ValueError("a bf16 check needs the reference's bf16 golden")
+    results: list[StageResult] = []
+    failed = False
+    for key in forward_order(expected.keys()):
+        layer, stage = stages.parse(key)
+        tol = tolerances.tolerance(stage)
+        if key not in actual:
+            results.append(StageResult(key, layer, stage, NOT_CHECKED, None, math.nan, note="not reported"))
+            continue
+        m = stage_metrics(actual[key], expected[key])
+        ref_m = None
+        if dtype == "fp32":
+            limit = tol.fp32_rel
+        else:
+            ref_m = stage_metrics(reference[key], expected[key]) if key in reference else None
+            limit = tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor
+        ok = m.rel <= limit
+        status = PASS if ok else (CONSEQUENCE if failed else FAIL)
+        failed = failed or not ok
+        results.append(StageResult(key, layer, stage, status, m, limit, ref_m, m.problem))
+    logits = None
+    if "logits" in expected and "logits" in actual and actual["logits"].shape == expected["logits"].shape:
+        ref_logits = reference["logits"] if reference is not None and "logits" in reference else None
+        logits = check_logits(expected["logits"], actual["logits"], ref_logits)
+    extra = [k for k in actual if k not in expected]
+    return Report(dtype, results, logits, sorted(extra))
