@@ -560,10 +560,14 @@ def save_gguf(path: str | Path, weights: Mapping[str, torch.Tensor], config: Mod
 
 def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> Weights:
     """Deterministic on every machine: numpy's PCG64 stream of uniform doubles (which numpy keeps stable
-    across versions), drawn tensor by tensor in expected_shapes' order. Matrices are uniform with std 0.02;
-    norm weights are 1 + uniform with std 0.1, so a forgotten norm weight shows."""
+    across versions), drawn tensor by tensor in expected_shapes' order. Matrices are uniform with std 0.02
+    (q and k: see below); norm weights are 1 + uniform with std 0.1, so a forgotten norm weight shows."""
     rng = np.random.Generator(np.random.PCG64(seed))
     half_width = math.sqrt(12)  # a uniform on [-0.5, 0.5) has std 1/sqrt(12)
+    # q and k rows get std 1.5/sqrt(dim): then q, k entries have std ~1.5 and the attention scores
+    # std ~2, peaked like a trained model's. With 0.02 the softmax would be nearly uniform, and bugs
+    # in scores/probs (a bf16 cast, a wrong scale) would hide in it.
+    qk_std = 1.5 / math.sqrt(config.dim)
     weights = {}
     for name, shape in expected_shapes(config).items():
         x = rng.random(math.prod(shape))  # in place from here on: the embedding alone is 16M doubles
@@ -572,7 +576,7 @@ def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torc
             x *= 0.1 * half_width
             x += 1.0
         else:
-            x *= 0.02 * half_width
+            x *= (qk_std if name.endswith(("wq.weight", "wk.weight")) else 0.02) * half_width
         weights[name] = torch.from_numpy(x.astype(np.float32).reshape(shape)).to(dtype)
     return weights
 
