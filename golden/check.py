@@ -124,6 +124,7 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
 class Outcome:
     golden: Golden  # the golden of the checked dtype
     report: cmp.Report
+    tokenizer: object = None  # what impl.tokenizer.load_tokenizer takes, for showing the next token as text
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -141,7 +142,7 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
         ckpt, weights = load_model_for(g, g.torch_dtype)
         actual = run_implementation(fn, g.tokens, weights, ckpt.config)
         reference = g.tensors if g.dtype == "bf16" else None
-        outcomes.append(Outcome(g, cmp.compare(truth.tensors, actual, g.dtype, reference)))
+        outcomes.append(Outcome(g, cmp.compare(truth.tensors, actual, g.dtype, reference), ckpt.tokenizer))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes
@@ -152,11 +153,13 @@ def _e(x: float) -> str:
     return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
 
 
-def _decode(model: str, token: int) -> str:
+def _decode(tokenizer, token: int) -> str:
+    if tokenizer is None:
+        return ""
     try:
         from impl.tokenizer import load_tokenizer
 
-        return repr(load_tokenizer(model).decode([token]))
+        return repr(load_tokenizer(tokenizer).decode([token]))
     except Exception:  # the text is a nicety; the id is the fact
         return ""
 
@@ -198,8 +201,8 @@ def format_report(o: Outcome) -> str:
     if r.logits is not None:
         lg = r.logits
         lines.append(f"  logits: KL {_e(lg.kl)} (limit {_e(lg.kl_limit)}), next token: impl {lg.top1} "
-                     f"{_decode(g.model_name, lg.top1)}, golden {lg.top1_golden} "
-                     f"{_decode(g.model_name, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
+                     f"{_decode(o.tokenizer, lg.top1)}, golden {lg.top1_golden} "
+                     f"{_decode(o.tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
     checked = r.checked
     n_pass = sum(x.status == cmp.PASS for x in checked)
     verdict = "PASS" if r.passed else "FAIL"

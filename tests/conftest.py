@@ -32,25 +32,50 @@ def goldens():
 
 
 @pytest.fixture(scope="session")
+def models(goldens):
+    """(model, dtype) -> (Checkpoint, weights in dtype) for a golden's model, loaded once. Do not mutate."""
+    from golden.check import load_model_for
+
+    cache = {}
+
+    def get(model: str, dtype: str):
+        if (model, dtype) not in cache:
+            g = goldens(model, dtype)
+            cache[model, dtype] = load_model_for(g, g.torch_dtype)
+        return cache[model, dtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def check_against(goldens, models):
+    """(implementation, model, dtype) -> the comparator's Report for that implementation."""
+    from golden import compare
+    from golden.check import run_implementation
+
+    def run(fn, model: str, dtype: str):
+        g, truth = goldens(model, dtype), goldens(model, "fp32")
+        ckpt, weights = models(model, dtype)
+        actual = run_implementation(fn, g.tokens, weights, ckpt.config)
+        return compare.compare(truth.tensors, actual, dtype, g.tensors if dtype == "bf16" else None)
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def implementation(request):
     """The implementation under test: impl's forward, or the user's `--impl module:callable`."""
     return golden_check.load_callable(request.config.getoption("--impl"))
 
 
 @pytest.fixture(scope="session")
-def reports(goldens, implementation):
-    """(model, dtype) -> the comparator's Report for the implementation under test."""
-    from golden import compare
-    from golden.check import load_model_for, run_implementation
-
+def reports(implementation, check_against):
+    """(model, dtype) -> the Report for the implementation under test, computed once."""
     cache = {}
 
     def get(model: str, dtype: str):
         if (model, dtype) not in cache:
-            g, truth = goldens(model, dtype), goldens(model, "fp32")
-            ckpt, weights = load_model_for(g, g.torch_dtype)
-            actual = run_implementation(implementation, g.tokens, weights, ckpt.config)
-            cache[model, dtype] = compare.compare(truth.tensors, actual, dtype, g.tensors if dtype == "bf16" else None)
+            cache[model, dtype] = check_against(implementation, model, dtype)
         return cache[model, dtype]
 
     return get

@@ -14,8 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from golden import compare
-from golden.check import load_model_for, run_implementation
 from impl import model
 
 
@@ -138,23 +136,26 @@ MUTATIONS = {
 CASES = [(m, d) for m, spec in MUTATIONS.items() for d in spec[4]]
 
 
-def _run_mutant(monkeypatch, goldens, name, dtype):
+def _run_mutant(monkeypatch, models, check_against, name, dtype):
     target, replacement, golden_model, _, _ = MUTATIONS[name]
-    g, truth = goldens(golden_model, dtype), goldens(golden_model, "fp32")
-    ckpt, weights = load_model_for(g, g.torch_dtype)
+    ckpt, weights = models(golden_model, dtype)
     if target is None:
-        weights = replacement(weights, ckpt.config)
-    elif replacement is _skip_final_norm:
-        monkeypatch.setattr(model, target, _skip_final_norm(weights))
+        mutated = replacement(weights, ckpt.config)
+        weights_of = lambda w: mutated  # noqa: E731
     else:
-        monkeypatch.setattr(model, target, replacement)
-    actual = run_implementation(lambda t, w, c, tr: model.forward(t, w, c, trace=tr), g.tokens, weights, ckpt.config)
-    return compare.compare(truth.tensors, actual, dtype, g.tensors if dtype == "bf16" else None)
+        weights_of = lambda w: w  # noqa: E731
+        patch = _skip_final_norm(weights) if replacement is _skip_final_norm else replacement
+        monkeypatch.setattr(model, target, patch)
+
+    def mutant(tokens, w, config, trace):
+        return model.forward(tokens, weights_of(w), config, trace=trace)
+
+    return check_against(mutant, golden_model, dtype)
 
 
 @pytest.mark.parametrize(("mutation", "dtype"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
-def test_mutation_is_caught_at_its_first_stage(monkeypatch, goldens, mutation, dtype):
-    report = _run_mutant(monkeypatch, goldens, mutation, dtype)
+def test_mutation_is_caught_at_its_first_stage(monkeypatch, models, check_against, mutation, dtype):
+    report = _run_mutant(monkeypatch, models, check_against, mutation, dtype)
     first = report.first_failure
     assert first is not None, f"{mutation} ({dtype}) passed every stage: the suite missed a real bug"
     assert first.key == MUTATIONS[mutation][3], f"{mutation}: first failure named {first.key}"
