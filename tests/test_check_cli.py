@@ -1,0 +1,102 @@
+"""`python -m golden check` and `pytest --impl`: exit codes 0/1/2, one-line errors, JSON and plot output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from golden import cli
+from tests.conftest import golden_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BROKEN_IMPL = '''
+import torch
+from impl import model
+
+def forward(tokens, w, cfg, trace):  # theta 10000 instead of the config's: a classic
+    return model.forward(tokens, w, cfg.replace(rope_theta=10000.0), trace=trace)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """A user's implementation module on sys.path."""
+    (tmp_path / "user_llama.py").write_text(BROKEN_IMPL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_llama:forward"
+
+
+def test_check_default_golden_passes_with_exit_0(capsys):
+    assert cli.main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny, fp32" in out and "tiny, bf16" in out and "PASS: 43/43" in out
+
+
+def test_check_writes_json_and_plot(tmp_path):
+    assert cli.main(["check", str(golden_dir("tiny", "fp32").parent), "--json", str(tmp_path / "r.json"),
+                     "--plot", str(tmp_path / "r.png")]) == 0
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert [d["dtype"] for d in data] == ["fp32", "bf16"] and all(d["passed"] for d in data)
+    assert {"max_abs", "rel", "nmse", "cosine"} <= set(data[0]["stages"][5]["metrics"])
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_broken_impl_exits_1_and_names_first_stage(user_module, capsys):
+    assert cli.main(["check", str(golden_dir("tiny", "fp32")), "--impl", user_module]) == 1
+    out = capsys.readouterr().out
+    assert "FIRST FAILURE: rope_cos" in out and "FAIL" in out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["check", "no/such/folder"], "not a golden folder"),
+    (["check", "--impl", "nomodule_xyz:forward"], "cannot import nomodule_xyz"),
+    (["check", "--impl", "golden.check"], "expected module:callable"),
+    (["check", "--impl", "golden.check:nothing_here"], "has no attribute nothing_here"),
+], ids=["missing-golden", "unimportable-impl", "no-colon", "no-attribute"])
+def test_check_bad_input_exits_2_with_one_line(capsys, args, message):
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+def test_check_tampered_golden_exits_2(tmp_path, capsys):
+    dst = tmp_path / "g"
+    shutil.copytree(golden_dir("tiny", "fp32"), dst)
+    blob = bytearray((dst / "activations.safetensors").read_bytes())
+    blob[-3] ^= 1
+    (dst / "activations.safetensors").write_bytes(bytes(blob))
+    assert cli.main(["check", str(dst)]) == 2
+    assert "tampered or truncated" in capsys.readouterr().err
+
+
+def test_check_bf16_alone_needs_its_fp32_golden(tmp_path, capsys):
+    shutil.copytree(golden_dir("tiny", "bf16"), tmp_path / "bf16")
+    assert cli.main(["check", str(tmp_path / "bf16")]) == 2
+    assert "needs the fp32 golden" in capsys.readouterr().err
+
+
+def test_check_impl_that_raises_exits_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "crashing.py").write_text("def forward(tokens, w, cfg, trace):\n    raise ValueError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["check", "--impl", "crashing:forward"]) == 2
+    assert "raised ValueError: boom" in capsys.readouterr().err
+
+
+def test_pytest_impl_option_runs_the_suite_on_a_user_implementation():
+    """`pytest --impl` with the README sketch: reported stages pass, unreported ones are listed as not checked."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_stages_vs_golden.py", "-q",
+         "--impl", "examples.my_llama:forward", "-k", "tiny-fp32 and not scaled", "-n", "0", "-rs"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    tail = proc.stdout[-3000:]
+    assert proc.returncode == 0, tail
+    assert "NOT CHECKED: layers.0.q is not reported" in proc.stdout
+    assert "10 passed, 34 skipped" in tail  # 9 reported stages + logits; 34 stages not reported
