@@ -63,6 +63,27 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return rotated.type_as(x)
 
 
+# ---------------------------------------------------------------- the fast path's matmul
+# x86 without AMX multiplies bf16 through AVX512-BF16 dot products at about half its fp32 rate (measured in
+# benchmarks/: the roof-mm rows). There, prompts multiply in fp32, converting the bf16 weight a block of rows at
+# a time: never a whole fp32 copy, one rounding to bf16 at the end as in a bf16 matmul.
+_BF16_VIA_FP32 = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+                  and not getattr(torch._C._cpu, "_init_amx", lambda: True)())
+BF16_VIA_FP32_MIN_ROWS = 128  # below, the conversion costs more than it saves (decode, short prompts)
+_BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32 weight per block
+
+
+def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T, the fast path's projection. x: (seq, in); w: (out, in) -> (seq, out) in x's dtype."""
+    if not (_BF16_VIA_FP32 and x.dtype == torch.bfloat16 and x.shape[0] >= BF16_VIA_FP32_MIN_ROWS):
+        return x @ w.T
+    xf, out = x.float(), torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    rows = max(1, _BLOCK_ELEMENTS // w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        out[:, start:start + rows] = xf @ w[start:start + rows].float().T
+    return out
+
+
 # ---------------------------------------------------------------- norms and FFN
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight, the normalisation in fp32 (Meta's RMSNorm)."""
@@ -79,7 +100,13 @@ def swiglu_parts(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor) -> tuple[t
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """(silu(x @ w1.T) * (x @ w3.T)) @ w2.T. x: (seq, dim) -> (seq, dim)."""
     gate, up = swiglu_parts(x, w1, w3)
-    return (gate * up) @ w2.T
+    return matmul_t(gate.mul_(up), w2)  # in place: one (seq, hidden) temporary fewer
+
+
+def swiglu_fused(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """swiglu with w1 and w3 stacked as one (2 * hidden, dim) matrix: one matmul for the gate and the up."""
+    gate, up = matmul_t(x, w13).chunk(2, dim=-1)  # (seq, hidden) each
+    return matmul_t(F.silu(gate, inplace=True).mul_(up), w2)
 
 
 # ---------------------------------------------------------------- attention
@@ -114,11 +141,15 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     """
     n_heads, n_kv = q.shape[1], k.shape[1]
     if trace is None:
-        # Fast path: the fused kernel, GQA without materialising repeated k/v.
-        mask = None if q.shape[0] == 1 else causal_mask(q.shape[0], k.shape[0], start_pos, q.dtype)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, enable_gqa=n_heads != n_kv)  # (h, seq, d)
-        return out.transpose(0, 1)
+        # Fast path: the fused kernel, GQA without materialising repeated k/v. The batch dimension matters:
+        # torch's CPU flash kernel takes 4-d inputs only (3-d falls back to the math path, 2-7x slower), and
+        # `is_causal` spares it the mask when queries and keys start together.
+        q_len, kv_len = q.shape[0], k.shape[0]
+        mask = None if q_len in (1, kv_len) else causal_mask(q_len, kv_len, start_pos, q.dtype)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                             v.transpose(0, 1)[None], attn_mask=mask, is_causal=q_len == kv_len > 1,
+                                             enable_gqa=n_heads != n_kv)  # (1, h, seq, d)
+        return out[0].transpose(0, 1)
     idx = kv_head_of(n_heads, n_kv)
     k_h, v_h = k[:, idx], v[:, idx]  # (kv_len, h, d)
     scores = attention_scores(q, k_h, start_pos)  # (h, seq, kv_len)
@@ -129,22 +160,63 @@ def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return out
 
 
+def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv: int,
+             freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v from one matmul with wq, wk, wv stacked; RoPE on q and k in one call.
+
+    x: (seq, dim); wqkv: ((h + 2 kv) * d, dim) -> q (seq, h, d), k and v (seq, kv, d).
+    """
+    seq = x.shape[0]
+    qkv = matmul_t(x, wqkv).view(seq, n_heads + 2 * n_kv, -1)  # (seq, h + 2 kv, d)
+    qk = apply_rope(qkv[:, :n_heads + n_kv], freqs_cis)  # (seq, h + kv, d)
+    return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv:]
+
+
+# ---------------------------------------------------------------- fast-path weights
+def fuse_weights(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The same weights plus wq|wk|wv and w1|w3 stacked (`attention.wqkv`, `feed_forward.w13`) for the fast path.
+
+    The separate matrices become row views of the stacked ones, so the traced path reads the same numbers
+    and no weight is held twice once the caller lets the original dict go. Done once, after loading.
+    """
+    out = dict(weights)
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        for fused, parts in (("attention.wqkv", ("wq", "wk", "wv")), ("feed_forward.w13", ("w1", "w3"))):
+            names = [f"{p}{fused.split('.')[0]}.{n}.weight" for n in parts]
+            stacked = torch.cat([out.pop(n) for n in names])
+            out[f"{p}{fused}.weight"] = stacked
+            out.update(zip(names, stacked.split([weights[n].shape[0] for n in names]), strict=True))
+    return out
+
+
 # ---------------------------------------------------------------- the model
 @dataclass
 class KVCache:
-    """Keys (after RoPE) and values of every layer for positions [0, max_seq_len)."""
+    """Keys (after RoPE) and values of every layer for positions [0, max_seq_len).
 
-    k: torch.Tensor  # (n_layers, max_seq_len, n_kv_heads, head_dim)
-    v: torch.Tensor  # (n_layers, max_seq_len, n_kv_heads, head_dim)
+    Positions are the second-to-last axis, so each head's keys are one contiguous (positions, d) block: the
+    layout SDPA's CPU kernel reads fastest (as in transformers' and gpt-fast's caches).
+    """
+
+    k: torch.Tensor  # (n_layers, n_kv_heads, max_seq_len, head_dim)
+    v: torch.Tensor  # (n_layers, n_kv_heads, max_seq_len, head_dim)
 
     @classmethod
     def empty(cls, config: ModelConfig, max_seq_len: int, dtype: torch.dtype) -> KVCache:
-        shape = (config.n_layers, max_seq_len, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, config.n_kv_heads, max_seq_len, config.head_dim)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[1]
+        return self.k.shape[2]
+
+    def update(self, i: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store layer i's k, v (seq, kv, d) at start_pos; return every key and value so far, (kv_len, kv, d)."""
+        end = start_pos + k.shape[0]
+        self.k[i, :, start_pos:end] = k.transpose(0, 1)
+        self.v[i, :, start_pos:end] = v.transpose(0, 1)
+        return self.k[i, :, :end].transpose(0, 1), self.v[i, :, :end].transpose(0, 1)
 
 
 def _no_trace(name: str, t: torch.Tensor) -> None:
@@ -157,22 +229,24 @@ def attention_block(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, fr
     t = trace or _no_trace
     p = f"layers.{i}."
     seq, h, kv, d = x.shape[0], config.n_heads, config.n_kv_heads, config.head_dim
-    q = (x @ w[p + "attention.wq.weight"].T).view(seq, h, d)
-    k = (x @ w[p + "attention.wk.weight"].T).view(seq, kv, d)
-    v = (x @ w[p + "attention.wv.weight"].T).view(seq, kv, d)
-    t(p + "q", q)
-    t(p + "k", k)
-    t(p + "v", v)
-    q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
-    t(p + "q_rope", q)
-    t(p + "k_rope", k)
+    if trace is None and p + "attention.wqkv.weight" in w:
+        q, k, v = qkv_rope(x, w[p + "attention.wqkv.weight"], h, kv, freqs_cis)
+    else:
+        q = (x @ w[p + "attention.wq.weight"].T).view(seq, h, d)
+        k = (x @ w[p + "attention.wk.weight"].T).view(seq, kv, d)
+        v = (x @ w[p + "attention.wv.weight"].T).view(seq, kv, d)
+        t(p + "q", q)
+        t(p + "k", k)
+        t(p + "v", v)
+        q, k = apply_rope(q, freqs_cis), apply_rope(k, freqs_cis)
+        t(p + "q_rope", q)
+        t(p + "k_rope", k)
     if cache is not None:
-        cache.k[i, start_pos:start_pos + seq] = k
-        cache.v[i, start_pos:start_pos + seq] = v
-        k, v = cache.k[i, :start_pos + seq], cache.v[i, :start_pos + seq]
+        k, v = cache.update(i, start_pos, k, v)  # (kv_len, kv, d)
     heads = grouped_query_attention(q, k, v, start_pos, trace, p)  # (seq, h, d)
     t(p + "attn_heads", heads)
-    out = heads.reshape(seq, h * d) @ w[p + "attention.wo.weight"].T
+    flat = heads.reshape(seq, h * d)
+    out = flat @ w[p + "attention.wo.weight"].T if trace else matmul_t(flat, w[p + "attention.wo.weight"])
     t(p + "attn_out", out)
     return out
 
@@ -189,6 +263,10 @@ def transformer_block(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, 
     t(p + "residual_attn", h)
     hn = rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps)
     t(p + "ffn_norm", hn)
+    if trace is None:
+        w13 = w.get(p + "feed_forward.w13.weight")
+        w1, w2, w3 = (w[p + f"feed_forward.{n}.weight"] for n in ("w1", "w2", "w3"))
+        return h + (swiglu(hn, w1, w3, w2) if w13 is None else swiglu_fused(hn, w13, w2))
     gate, up = swiglu_parts(hn, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"])
     hidden = gate * up
     ffn = hidden @ w[p + "feed_forward.w2.weight"].T

@@ -1,0 +1,293 @@
+"""What the hot-path benchmarks run: shapes, layers with random weights, and every competing implementation.
+
+One layer of Llama-3-8B or SmolLM2-135M with random weights (std 0.02, never a checkpoint), an input of
+`seq` new tokens after `past` cached ones, and for each implementation a zero-argument callable that
+returns the block's output (seq, dim). The two roofs do the same FLOPs (`roof-mm`) or read the same bytes
+(`roof-bw`) as the block, and their times are what the roofline fraction divides by.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks import walkthrough
+from impl import model
+from impl.config import PRESETS, ModelConfig
+
+MODELS = ("llama-3-8b", "smollm2-135m")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROOFS = ("roof-mm", "roof-bw")
+IMPLEMENTATIONS = {
+    "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa", *ROOFS),
+    "ffn": ("impl-fused", "impl", "walkthrough", "hf", *ROOFS),
+}
+REFERENCE = {"attention": "hf-eager", "ffn": "hf"}  # what every implementation is checked against
+# Relative error ||out - ref|| / ||ref|| allowed against the transformers result in the same dtype.
+# bf16 rounds every matmul output to 8 bits of mantissa (2^-8 = 0.4%), in a different order per implementation.
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
+
+
+@dataclass(frozen=True)
+class Shape:
+    model: str
+    seq: int  # new tokens
+    past: int = 0  # cached positions before them (the decode step)
+
+    @property
+    def label(self) -> str:
+        return f"decode-{self.past}" if self.past else f"prefill-{self.seq}"
+
+    @property
+    def config(self) -> ModelConfig:
+        return PRESETS[self.model].replace(n_layers=1)
+
+    @property
+    def kv_len(self) -> int:
+        return self.past + self.seq
+
+
+SHAPES = tuple(Shape(m, s, p) for m in MODELS for s, p in ((17, 0), (128, 0), (512, 0), (1, 512)))
+
+
+# ------------------------------------------------------------------------------------------- work and bytes
+def flops(op: str, shape: Shape) -> int:
+    """Useful FLOPs (2 per multiply-add): the projections, and attention over the causal pairs only."""
+    c, s = shape.config, shape.seq
+    if op == "ffn":
+        return 2 * s * c.dim * c.hidden_dim * 3
+    projections = 2 * s * c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)  # q, k, v, o
+    pairs = sum(shape.past + i + 1 for i in range(s))  # (query, key) pairs the causal mask keeps
+    return projections + 4 * c.n_heads * c.head_dim * pairs  # q.k and p@v
+
+
+def weight_count(op: str, config: ModelConfig) -> int:
+    if op == "ffn":
+        return 3 * config.dim * config.hidden_dim
+    return config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
+
+
+def bytes_moved(op: str, shape: Shape, dtype: torch.dtype) -> int:
+    """The least memory traffic: every weight once, the input and output once, the cached keys and values once."""
+    c, size = shape.config, dtype.itemsize
+    cached = 2 * shape.past * c.n_kv_heads * c.head_dim if op == "attention" else 0
+    return size * (weight_count(op, c) + 2 * shape.seq * c.dim + cached)
+
+
+# ------------------------------------------------------------------------------------------- the layer
+def _normal(shape: tuple[int, ...], generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
+    return torch.randn(shape, generator=generator) * std
+
+
+@functools.cache
+def layer_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
+    """One layer's matrices in impl's layout (Meta names, `layers.0.` prefix). Cached: 0.9 GB for 8B in fp32."""
+    if dtype_name != "fp32":
+        return {k: v.to(DTYPES[dtype_name]) for k, v in layer_weights(model_name, "fp32").items()}
+    c, g = PRESETS[model_name], torch.Generator().manual_seed(0)
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    shapes = {"attention.wq.weight": (q, c.dim), "attention.wk.weight": (kv, c.dim),
+              "attention.wv.weight": (kv, c.dim), "attention.wo.weight": (c.dim, q),
+              "feed_forward.w1.weight": (c.hidden_dim, c.dim), "feed_forward.w2.weight": (c.dim, c.hidden_dim),
+              "feed_forward.w3.weight": (c.hidden_dim, c.dim)}
+    return {f"layers.0.{name}": _normal(s, g) for name, s in shapes.items()}
+
+
+@dataclass
+class Inputs:
+    x: torch.Tensor  # (seq, dim): the normed input of the block
+    past_k: torch.Tensor  # (past, kv_heads, d): cached keys after RoPE, Meta's interleaved layout
+    past_v: torch.Tensor  # (past, kv_heads, d)
+
+
+@functools.cache
+def inputs(shape: Shape, dtype_name: str) -> Inputs:
+    c, g = shape.config, torch.Generator().manual_seed(1)
+    dtype = DTYPES[dtype_name]
+    x = torch.randn((shape.seq, c.dim), generator=g).to(dtype)
+    kv = (shape.past, c.n_kv_heads, c.head_dim)
+    return Inputs(x, torch.randn(kv, generator=g).to(dtype), torch.randn(kv, generator=g).to(dtype))
+
+
+def _unprefixed(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("layers.0."): v for k, v in w.items()}
+
+
+# ------------------------------------------------------------------------------------------- implementations
+@functools.cache
+def fused_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
+    """impl's prepared weights (wq|wk|wv and w1|w3 stacked), as a program would make them once after loading."""
+    return model.fuse_weights(layer_weights(model_name, dtype_name), PRESETS[model_name].replace(n_layers=1))
+
+
+def _impl(op: str, shape: Shape, dtype_name: str, fused: bool = False) -> Callable[[], torch.Tensor]:
+    c, inp = shape.config, inputs(shape, dtype_name)
+    w = (fused_weights if fused else layer_weights)(shape.model, dtype_name)
+    if op == "ffn":
+        w1, w2, w3 = (w[f"layers.0.feed_forward.{n}.weight"] for n in ("w1", "w2", "w3"))
+        if fused:
+            w13 = w["layers.0.feed_forward.w13.weight"]
+            return lambda: model.swiglu_fused(inp.x, w13, w2)
+        return lambda: model.swiglu(inp.x, w1, w3, w2)
+    freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
+    cache = None
+    if shape.past:
+        cache = model.KVCache.empty(c, shape.kv_len, DTYPES[dtype_name])
+        cache.update(0, 0, inp.past_k, inp.past_v)
+    return lambda: model.attention_block(inp.x, w, 0, c, freqs_cis, shape.past, cache, None)
+
+
+def _walkthrough(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
+    c, w, inp = shape.config, _unprefixed(layer_weights(shape.model, dtype_name)), inputs(shape, dtype_name)
+    if op == "ffn":
+        return lambda: walkthrough.feed_forward(inp.x, w)
+    freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
+    past = (inp.past_k.transpose(0, 1), inp.past_v.transpose(0, 1)) if shape.past else None  # (kv, past, d)
+    return lambda: walkthrough.attention(inp.x, w, c, freqs_cis, past)
+
+
+def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta -> transformers q/k rows: interleaved pairs (2i, 2i+1) -> rotate-half halves (i, i + d/2)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
+    from transformers import LlamaConfig
+
+    from impl.config import to_hf_config
+
+    hf = LlamaConfig(**to_hf_config(config, bos_id=0, eos_id=0))
+    hf._attn_implementation = attn_implementation
+    return hf
+
+
+class _StaticKV:
+    """The smallest cache transformers' attention accepts: preallocated, written in place (like StaticCache)."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, past: int):
+        self.k, self.v, self.past = k, v, past  # (1, kv_heads, past + seq, d)
+
+    def update(self, key, value, layer_idx, **kwargs):
+        self.k[:, :, self.past:self.past + key.shape[2]] = key
+        self.v[:, :, self.past:self.past + value.shape[2]] = value
+        return self.k, self.v
+
+
+def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable[[], torch.Tensor]:
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
+
+    c, w, inp = shape.config, _unprefixed(layer_weights(shape.model, dtype_name)), inputs(shape, dtype_name)
+    hf_cfg = hf_config(c, attn)
+    x = inp.x[None]  # (1, seq, dim)
+    if op == "ffn":
+        with torch.device("meta"):
+            mlp = LlamaMLP(hf_cfg)
+        mlp.load_state_dict({"gate_proj.weight": w["feed_forward.w1.weight"],
+                             "up_proj.weight": w["feed_forward.w3.weight"],
+                             "down_proj.weight": w["feed_forward.w2.weight"]}, assign=True)
+        mlp.requires_grad_(False)
+        return lambda: mlp(x)[0]
+    with torch.device("meta"):
+        module = LlamaAttention(hf_cfg, layer_idx=0)
+    module.load_state_dict({"q_proj.weight": hf_permute(w["attention.wq.weight"], c.n_heads),
+                            "k_proj.weight": hf_permute(w["attention.wk.weight"], c.n_kv_heads),
+                            "v_proj.weight": w["attention.wv.weight"], "o_proj.weight": w["attention.wo.weight"]},
+                           assign=True)
+    module.requires_grad_(False)
+    positions = torch.arange(shape.past, shape.kv_len)[None]
+    cos_sin = LlamaRotaryEmbedding(hf_cfg)(x, positions)
+    mask = None  # sdpa: is_causal for a prompt, nothing to mask for one query (what LlamaModel passes)
+    if attn == "eager" and shape.seq > 1:
+        mask = torch.full((shape.seq, shape.kv_len), torch.finfo(x.dtype).min, dtype=x.dtype)
+        mask = mask.triu(shape.past + 1)[None, None]  # (1, 1, seq, kv_len)
+    cache = None
+    if shape.past:
+        d = c.head_dim
+        # Cached keys in transformers' rotate-half layout: pair halves (0::2 | 1::2) of each head.
+        past_k = torch.cat([inp.past_k[..., 0::2], inp.past_k[..., 1::2]], dim=-1)
+        k = torch.zeros(1, c.n_kv_heads, shape.kv_len, d, dtype=x.dtype)
+        v = torch.zeros_like(k)
+        k[0, :, :shape.past], v[0, :, :shape.past] = past_k.transpose(0, 1), inp.past_v.transpose(0, 1)
+        cache = _StaticKV(k, v, shape.past)
+    return lambda: module(x, position_embeddings=cos_sin, attention_mask=mask, cache=cache)[0][0]
+
+
+# The compute roof multiplies (rows, K) @ (K, K) with K = 512: the weight stays in L2 and the product runs near
+# the machine's peak. Chunks of at most 1024 rows, repeated until the FLOPs match the block's.
+ROOF_K, ROOF_ROWS = 512, 1024
+
+
+def _roof_mm(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
+    dtype = DTYPES[dtype_name]
+    rows = max(1, round(flops(op, shape) / (2 * ROOF_K * ROOF_K)))
+    full, rest = divmod(rows, ROOF_ROWS)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn((min(rows, ROOF_ROWS), ROOF_K), generator=g).to(dtype)
+    b = torch.randn((ROOF_K, ROOF_K), generator=g).to(dtype)
+    out = torch.empty((a.shape[0], ROOF_K), dtype=dtype)
+
+    def run() -> torch.Tensor:
+        for _ in range(full):
+            torch.mm(a, b, out=out)
+        if rest:
+            torch.mm(a[:rest], b, out=out[:rest])
+        return out
+
+    return run
+
+
+def _roof_bw(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
+    # A sum over fp32 whatever the block's dtype: the fastest plain read torch has (bf16 sums convert first).
+    buf = torch.randn(bytes_moved(op, shape, DTYPES[dtype_name]) // 4, generator=torch.Generator().manual_seed(3))
+    return buf.sum
+
+
+def implementation(op: str, name: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
+    """A zero-argument callable running `name` on this shape and dtype, ready to time (set-up already done)."""
+    build = {
+        "impl": _impl,
+        "impl-fused": functools.partial(_impl, fused=True),
+        "walkthrough": _walkthrough,
+        "hf": _hf,
+        "hf-eager": functools.partial(_hf, attn="eager"),
+        "hf-sdpa": functools.partial(_hf, attn="sdpa"),
+        "roof-mm": _roof_mm,
+        "roof-bw": _roof_bw,
+    }[name]
+    fn = build(op, shape, dtype_name)
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return fn()
+
+    return call
+
+
+@functools.cache
+def reference(op: str, shape: Shape, dtype_name: str) -> torch.Tensor:
+    """transformers' output for this block, shape and dtype: what every implementation must match."""
+    return implementation(op, REFERENCE[op], shape, dtype_name)()
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64 (NMSE's square root, as llama.cpp compares matmul-like ops)."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm())
+
+
+def estimated_seconds(op: str, shape: Shape, dtype_name: str) -> float:
+    """A pessimistic guess (40 GFLOP/s, 5 GB/s) to pick single-shot rounds for the slow cases."""
+    return flops(op, shape) / 40e9 + bytes_moved(op, shape, DTYPES[dtype_name]) / 5e9
+
+
+def is_heavy(op: str, shape: Shape) -> bool:
+    """8B shapes: 0.9 GB of fp32 weights per layer, up to 180 GFLOP per call. Marked slow."""
+    return shape.model == "llama-3-8b"
+
+
+assert math.isclose(flops("ffn", Shape("llama-3-8b", 512)) / 1e9, 180.4, rel_tol=1e-3)

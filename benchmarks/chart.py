@@ -1,0 +1,153 @@
+"""Render a pytest-benchmark JSON of the hot-path benchmarks: a markdown table, the targets, and a PNG.
+
+    python -m benchmarks.chart results.json [more.json ...] --png benchmarks/chart.png [--markdown out.md]
+
+The PNG has one panel per operation x model: GFLOP/s per implementation and shape, fp32 hatched beside
+bf16 solid, with the roofline (the block's FLOPs over the larger of the two roof times) drawn as a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import report
+
+SHAPE_ORDER = ("prefill-17", "prefill-128", "prefill-512", "decode-512")
+COLOURS = {"impl-fused": "#08306b", "impl": "#6baed6", "walkthrough": "#7f7f7f", "hf": "#ff7f0e", "hf-eager": "#ff7f0e",
+           "hf-sdpa": "#d62728"}
+
+
+def _load(paths: list[Path]) -> dict:
+    """One run, or several merged: per benchmark, the run with the fastest round (on a shared machine another
+    process only ever adds time, so the fastest of several runs is the best estimate of each block's cost)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    data = runs[0]
+    best = {b["fullname"]: b for b in data["benchmarks"]}
+    for run in runs[1:]:
+        for b in run["benchmarks"]:
+            if b["fullname"] not in best or b["stats"][report.STAT] < best[b["fullname"]]["stats"][report.STAT]:
+                best[b["fullname"]] = b
+    data["benchmarks"] = list(best.values())
+    shares = [r["machine_info"].get("torch", {}).get("other_processes_cpu_share") for r in runs]
+    known = [share for share in shares if share is not None]
+    data["machine_info"].setdefault("torch", {})["other_processes_cpu_share"] = min(known) if known else None
+    data["runs"] = len(runs)
+    report.annotate(data["benchmarks"])  # again: the roofs and ratios of the merged times
+    return data
+
+
+def _machine(data: dict) -> str:
+    t = data["machine_info"].get("torch", {})
+    return (f"{t.get('cpu_model', '?')}, {t.get('cores', '?')} cores ({t.get('cpu_capability', '?')}, "
+            f"AVX512-BF16 {'yes' if t.get('avx512_bf16') else 'no'}, AMX {'yes' if t.get('amx_bf16') else 'no'}), "
+            f"torch {t.get('version', '?')}, {t.get('threads', '?')} threads; other processes took "
+            + ("an unknown share" if (share := t.get("other_processes_cpu_share")) is None else f"{100 * share:.0f}%")
+            + " of the CPU during the (quietest) run")
+
+
+HOT = "impl-fused"  # the implementation the targets are about: impl with its prepared (fused) weights
+
+
+def markdown(data: dict) -> str:
+    benchmarks = data["benchmarks"]
+    lines = [f"Machine: {_machine(data)}. Run {data.get('datetime', '')[:16]}. Times: the fastest round"
+             + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
+    names = [n for n in COLOURS if any(b["extra_info"]["implementation"] == n for b in benchmarks)]
+    lines += ["| block | model | shape | dtype | " + " | ".join(names) + " | roof (bound) | "
+              f"{HOT} % of roof | {HOT} vs best hf | {HOT} bf16/fp32 |",
+              "|" + "---|" * (8 + len(names)), ]
+    groups = report.by_group(benchmarks)
+    for group in sorted(groups, key=_group_order):
+        rows = {(b["extra_info"]["implementation"], b["extra_info"]["dtype"]): b["extra_info"] for b in groups[group]}
+        for dtype in ("fp32", "bf16"):
+            hot = rows.get((HOT, dtype))
+            if hot is None:
+                continue
+            cells = [f"{rows[n, dtype]['gflops']:.1f}" if (n, dtype) in rows else "" for n in names]
+            roof = hot["gflops"] / hot["roofline_fraction"] if "roofline_fraction" in hot else float("nan")
+            nan = float("nan")
+            lines.append(f"| {hot['op']} | {hot['model']} | {hot['shape']} | {dtype} | " + " | ".join(cells)
+                         + f" | {roof:.1f} ({hot.get('bound', '?')}) | {100 * hot.get('roofline_fraction', 0):.0f}%"
+                         + f" | {hot.get('vs_best_hf', nan):.2f}x | {hot.get('bf16_speedup', nan):.2f}x |")
+    lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only). Roof: the block's FLOPs at the "
+              "measured torch.mm rate, or its bytes at the measured read rate, whichever takes longer.", ""]
+    lines += ["| target | where | measured | goal | |", "|---|---|---|---|---|"]
+    for t in report.targets(benchmarks, HOT):
+        lines.append(f"| {t.what} | {t.where} | {t.value:.2f} | {t.goal:.2f} | {'met' if t.met else 'MISSED'} |")
+    met = sum(t.met for t in report.targets(benchmarks, HOT))
+    lines.append(f"\n{met} of {len(report.targets(benchmarks, HOT))} target checks met.")
+    return "\n".join(lines) + "\n"
+
+
+def _group_order(group: str) -> tuple:
+    op, model, shape = group.split()
+    return (op, model, SHAPE_ORDER.index(shape) if shape in SHAPE_ORDER else 99)
+
+
+def chart(data: dict, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = data["benchmarks"]
+    panels = sorted({(b["extra_info"]["op"], b["extra_info"]["model"]) for b in benchmarks})
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for ax, (op, model_name) in zip(axes[:, 0], panels, strict=True):
+        rows = [b["extra_info"] for b in benchmarks
+                if (b["extra_info"]["op"], b["extra_info"]["model"]) == (op, model_name)]
+        names = [n for n in COLOURS if any(r["implementation"] == n for r in rows)]
+        shapes = [s for s in SHAPE_ORDER if any(r["shape"] == s for r in rows)]
+        width = 0.8 / (2 * len(names))
+        for si, shape in enumerate(shapes):
+            for di, dtype in enumerate(("fp32", "bf16")):
+                for ni, name in enumerate(names):
+                    r = next((r for r in rows if (r["shape"], r["dtype"], r["implementation"]) == (shape, dtype, name)),
+                             None)
+                    if r is None:
+                        continue
+                    x = si + (di * len(names) + ni) * width - 0.4 + width / 2
+                    ax.bar(x, r["gflops"], width, color=COLOURS[name], hatch="//" if dtype == "fp32" else None,
+                           alpha=0.55 if dtype == "fp32" else 1.0, edgecolor="white", linewidth=0.3,
+                           label=f"{name} {dtype}" if si == 0 else None)
+                impl = next((r for r in rows if (r["shape"], r["dtype"], r["implementation"]) == (shape, dtype, HOT)),
+                            None)
+                if impl and "roofline_fraction" in impl:
+                    roof = impl["gflops"] / impl["roofline_fraction"]
+                    x0 = si - 0.4 + di * len(names) * width
+                    ax.hlines(roof, x0, x0 + len(names) * width, colors="black", linewidth=1.5,
+                              label="roofline" if si == 0 and di == 0 else None)
+        ax.set_xticks(range(len(shapes)), [f"{s}\n(fp32 | bf16)" for s in shapes], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("GFLOP/s")
+        ax.set_title(f"{op}, one {model_name} layer", fontsize=10)
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=4, loc="upper left")
+    fig.suptitle(_machine(data), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=72)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", type=Path, nargs="+", help="pytest-benchmark --benchmark-json output(s) to merge")
+    parser.add_argument("--png", type=Path, help="write the chart here")
+    parser.add_argument("--markdown", type=Path, help="write the table here (it is printed either way)")
+    args = parser.parse_args(argv)
+    data = _load(args.json)
+    text = markdown(data)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text)
+    if args.png:
+        chart(data, args.png)
+        print(f"wrote {args.png} ({args.png.stat().st_size // 1024} KB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
