@@ -11,7 +11,7 @@ never "pass".
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -183,6 +183,25 @@ def check_logits(expected: torch.Tensor, actual: torch.Tensor, reference: torch.
     return LogitsCheck(kl, kl_limit, top1, top1_golden, top1 == top1_golden or gap <= noise, ref_kl)
 
 
+def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str,
+          limit_for: Callable[[str, str], tuple[float, Metrics | None]]) -> Report:
+    """Every stage of `expected` in forward order; limit_for(key, stage) -> (bound on rel, reference metrics)."""
+    results: list[StageResult] = []
+    failed = False
+    for key in forward_order(expected.keys()):
+        layer, stage = stages.parse(key)
+        if key not in actual:
+            results.append(StageResult(key, layer, stage, NOT_CHECKED, None, math.nan, note="not reported"))
+            continue
+        m = stage_metrics(actual[key], expected[key])
+        limit, ref_m = limit_for(key, stage)
+        ok = m.rel <= limit
+        status = PASS if ok else (CONSEQUENCE if failed else FAIL)
+        failed = failed or not ok
+        results.append(StageResult(key, layer, stage, status, m, limit, ref_m, m.problem))
+    return Report(dtype, results, None, sorted(k for k in actual if k not in expected))
+
+
 def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str = "fp32",
             reference: Mapping[str, torch.Tensor] | None = None) -> Report:
     """Check `actual` against the fp32 golden `expected`, every stage the golden holds.
@@ -195,28 +214,27 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
         raise ValueError(f"dtype must be fp32 or bf16, not {dtype!r}")
     if dtype == "bf16" and reference is None:
         raise ValueError("a bf16 check needs the reference's bf16 golden")
-    results: list[StageResult] = []
-    failed = False
-    for key in forward_order(expected.keys()):
-        layer, stage = stages.parse(key)
+
+    def limit_for(key: str, stage: str) -> tuple[float, Metrics | None]:
         tol = tolerances.tolerance(stage)
-        if key not in actual:
-            results.append(StageResult(key, layer, stage, NOT_CHECKED, None, math.nan, note="not reported"))
-            continue
-        m = stage_metrics(actual[key], expected[key])
-        ref_m = None
         if dtype == "fp32":
-            limit = tol.fp32_rel
-        else:
-            ref_m = stage_metrics(reference[key], expected[key]) if key in reference else None
-            limit = tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor
-        ok = m.rel <= limit
-        status = PASS if ok else (CONSEQUENCE if failed else FAIL)
-        failed = failed or not ok
-        results.append(StageResult(key, layer, stage, status, m, limit, ref_m, m.problem))
-    logits = None
+            return tol.fp32_rel, None
+        ref_m = stage_metrics(reference[key], expected[key]) if key in reference else None
+        return tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor, ref_m
+
+    report = _walk(expected, actual, dtype, limit_for)
     if "logits" in expected and "logits" in actual and actual["logits"].shape == expected["logits"].shape:
         ref_logits = reference["logits"] if reference is not None and "logits" in reference else None
-        logits = check_logits(expected["logits"], actual["logits"], ref_logits)
-    extra = [k for k in actual if k not in expected]
-    return Report(dtype, results, logits, sorted(extra))
+        report.logits = check_logits(expected["logits"], actual["logits"], ref_logits)
+    return report
+
+
+def compare_goldens(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], dtype: str) -> Report:
+    """Two goldens of one dtype (e.g. committed and re-recorded after an upgrade), b against a.
+
+    fp32: the suite's fp32 table. bf16: no fp32 truth to judge against, so every stage gets
+    `tolerances.DIFF_BF16_REL` (token ids stay exact).
+    """
+    if dtype == "fp32":
+        return compare(a, b, "fp32")
+    return _walk(a, b, dtype, lambda key, stage: (0.0 if stage == "tokens" else tolerances.DIFF_BF16_REL, None))
