@@ -9,6 +9,7 @@ returns the block's output (seq, dim). The two roofs do the same FLOPs (`roof-mm
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -214,7 +215,9 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
         v = torch.zeros_like(k)
         k[0, :, :shape.past], v[0, :, :shape.past] = past_k.transpose(0, 1), inp.past_v.transpose(0, 1)
         cache = _StaticKV(k, v, shape.past)
-    return lambda: module(x, position_embeddings=cos_sin, attention_mask=mask, cache=cache)[0][0]
+    # transformers >= 5.2x names the argument `cache`; earlier 5.x (the newest on Python 3.10) `past_key_values`.
+    cache_kw = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
+    return lambda: module(x, position_embeddings=cos_sin, attention_mask=mask, **{cache_kw: cache})[0][0]
 
 
 # The compute roof multiplies (rows, K) @ (K, K) with K = 512: the weight stays in L2 and the product runs near
