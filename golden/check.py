@@ -108,7 +108,12 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
         except KeyError:
             raise ImplementationError(f"the implementation reported an unknown stage {name!r}") from None
         t = torch.as_tensor(tensor).detach()
-        seen[name] = t.squeeze(0) if t.dim() > 1 and t.shape[0] == 1 and name != "tokens" else t.clone()
+        expected = stages.expected_shape(name, config, len(tokens))
+        if tuple(t.shape) == (1, *expected):  # a batch of one
+            t = t[0]
+        if name in ("logits", "logprobs_last") and tuple(t.shape[-2:]) == (len(tokens), *expected):
+            t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
+        seen[name] = t.clone()
 
     try:
         with torch.inference_mode():

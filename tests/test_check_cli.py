@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from golden import cli
 from tests.conftest import golden_dir
@@ -100,3 +101,20 @@ def test_pytest_impl_option_runs_the_suite_on_a_user_implementation():
     assert proc.returncode == 0, tail
     assert "NOT CHECKED: layers.0.q is not reported" in proc.stdout
     assert "10 passed, 34 skipped" in tail  # 9 reported stages + logits; 34 stages not reported
+
+
+def test_runner_accepts_a_batch_dim_full_logits_and_finite_masks(check_against):
+    """Reporting conventions that are not bugs: (1, ...) tensors, logits of every position, -1e9 masks."""
+    from impl import model
+
+    def batched(tokens, w, cfg, trace):
+        def report(name, t):
+            if name == "scores":
+                t = t.masked_fill(torch.isinf(t), -1e9)
+            trace(name, t[None])
+
+        logits = model.forward(tokens, w, cfg, trace=lambda n, t: None if n == "logits" else report(n, t))
+        trace("logits", logits[None])  # (1, seq, vocab)
+
+    report = check_against(batched, "tiny", "fp32")
+    assert report.passed and not [r for r in report.results if r.status != "pass"]
