@@ -154,10 +154,6 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
 
 
 # ---------------------------------------------------------------- the report
-def _e(x: float) -> str:
-    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
-
-
 def _decode(tokenizer, token: int) -> str:
     if tokenizer is None:
         return ""
@@ -190,22 +186,16 @@ def format_report(o: Outcome) -> str:
                                                                else "")
         if len(checked) < len(rows):
             status += f", {len(rows) - len(checked)} not checked"
-        lines.append(f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {_e(worst.metrics.rel):>9} {at:>4}  "
-                     f"{_e(worst.limit):>8}  {status}")
+        lines.append(f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {cmp.sci(worst.metrics.rel):>9} {at:>4}  "
+                     f"{cmp.sci(worst.limit):>8}  {status}")
     first = r.first_failure
     if first is not None:
-        mt = first.metrics
-        lines.append(f"  FIRST FAILURE: {first.key}: rel {_e(mt.rel)} > limit {_e(first.limit)}, max-abs "
-                     f"{_e(mt.max_abs)}, nmse {_e(mt.nmse)}, cosine {mt.cosine:.6f}"
-                     + (f", worst at {list(mt.worst_index)}: impl {mt.worst_actual:.6g} vs golden "
-                        f"{mt.worst_expected:.6g}" if mt.worst_index else "")
-                     + (f", {mt.mask_mismatch} entries masked on one side only" if mt.mask_mismatch else "")
-                     + (f" ({first.note})" if first.note else ""))
+        lines.append(f"  FIRST FAILURE: {first.describe()}")
         if first.ref_metrics is not None:
-            lines.append(f"    (the reference's own bf16 error there: rel {_e(first.ref_metrics.rel)})")
+            lines.append(f"    (the reference's own bf16 error there: rel {cmp.sci(first.ref_metrics.rel)})")
     if r.logits is not None:
         lg = r.logits
-        lines.append(f"  logits: KL {_e(lg.kl)} (limit {_e(lg.kl_limit)}), next token: impl {lg.top1} "
+        lines.append(f"  logits: KL {cmp.sci(lg.kl)} (limit {cmp.sci(lg.kl_limit)}), next token: impl {lg.top1} "
                      f"{_decode(o.tokenizer, lg.top1)}, golden {lg.top1_golden} "
                      f"{_decode(o.tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
     checked = r.checked

@@ -53,10 +53,7 @@ def format_diff(report: compare.Report, a: Path, b: Path) -> str:
                      f"{worst.metrics.cosine:>10.7f} {_e(worst.limit):>9}  {status}")
     first = report.first_failure
     if first is not None:
-        m = first.metrics
-        lines.append(f"first drift: {first.key}: rel {_e(m.rel)} > {_e(first.limit)}, max_abs {_e(m.max_abs)} "
-                     f"at {list(m.worst_index)} ({m.worst_actual:.6g} vs {m.worst_expected:.6g})"
-                     + (f" [{first.note}]" if first.note else ""))
+        lines.append(f"first drift: {first.describe()}")
     elif report.logits is not None and not report.logits.ok:
         lg = report.logits
         lines.append(f"first drift: logits: KL {_e(lg.kl)} (limit {_e(lg.kl_limit)}), top-1 {lg.top1} vs "

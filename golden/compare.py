@@ -99,6 +99,21 @@ class StageResult:
     ref_metrics: Metrics | None = None  # bf16: the reference's own error against the fp32 golden
     note: str = ""
 
+    def describe(self) -> str:
+        """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`."""
+        m = self.metrics
+        return (f"{self.key}: rel {sci(m.rel)} > limit {sci(self.limit)}, max-abs {sci(m.max_abs)}, "
+                f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
+                + (f", worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden {m.worst_expected:.6g}"
+                   if m.worst_index else "")
+                + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
+                + (f" ({self.note})" if self.note else ""))
+
+
+def sci(x: float) -> str:
+    """1.2e-03, inf, nan: how the reports print a metric."""
+    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
+
 
 @dataclass
 class Report:

@@ -47,7 +47,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PromptError("empty prompt: give --prompt some text")
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     ckpt = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
     if ckpt.tokenizer is None:
         raise PromptError(f"{args.model}: no tokenizer found beside the weights")

@@ -22,14 +22,6 @@ def _id(model: str, dtype: str, key: str) -> str:
 CASES = [(m, d, k) for m in GOLDEN_MODELS for d in DTYPES for k in stages.all_keys(PRESETS[m].n_layers)]
 
 
-def _fmt(r: compare.StageResult) -> str:
-    m = r.metrics
-    return (f"{r.key}: rel {m.rel:.3e} > limit {r.limit:.3e}; max-abs {m.max_abs:.3e}, nmse {m.nmse:.3e}, "
-            f"cosine {m.cosine:.6f}, worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden "
-            f"{m.worst_expected:.6g}" + (f", {m.mask_mismatch} mask mismatches" if m.mask_mismatch else "")
-            + (f" ({r.note})" if r.note else ""))
-
-
 @pytest.mark.parametrize(("model", "dtype", "key"), CASES, ids=[_id(*c) for c in CASES])
 def test_stage_matches_golden(reports, model, dtype, key):
     report = reports(model, dtype)
@@ -38,7 +30,7 @@ def test_stage_matches_golden(reports, model, dtype, key):
         pytest.skip(f"NOT CHECKED: {key} is not reported by the implementation")
     if r.status == compare.CONSEQUENCE:
         pytest.xfail(f"consequence of the first failure at {report.first_failure.key}")
-    assert r.status == compare.PASS, "FIRST FAILING STAGE " + _fmt(r)
+    assert r.status == compare.PASS, "FIRST FAILING STAGE " + r.describe()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
