@@ -92,10 +92,10 @@ def load_model_for(golden: Golden, dtype: torch.dtype):
     """impl's loader on the golden's model, verified to be the model the golden was recorded for."""
     from impl.weights import load_checkpoint, sha256_of_weights
 
-    ckpt = load_checkpoint(golden.model_name, dtype=torch.float32)
+    # As stored (dtype None), like the recorder: the same digest, and no fp32 copy of a bf16 checkpoint.
+    ckpt = load_checkpoint(golden.model_name, dtype=None)
     check_same_model(golden, ckpt.config, sha256_of_weights(ckpt.weights), golden.model_name)
-    weights = {k: v.to(dtype) for k, v in ckpt.weights.items()} if dtype != torch.float32 else ckpt.weights
-    return ckpt, weights
+    return ckpt, {k: v.to(dtype) for k, v in ckpt.weights.items()}  # .to is a no-op where the dtype matches
 
 
 def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:

@@ -118,3 +118,18 @@ def test_runner_accepts_a_batch_dim_full_logits_and_finite_masks(check_against):
 
     report = check_against(batched, "tiny", "fp32")
     assert report.passed and not [r for r in report.results if r.status != "pass"]
+
+
+def test_check_accepts_a_golden_of_a_bf16_stored_checkpoint(tmp_path):
+    """The checker identifies the model as stored, as the recorder does (no fp32 re-load, no refusal)."""
+    from golden.check import check
+    from golden.record import WALKTHROUGH_PROMPT, record
+    from impl import assets
+    from impl.weights import load_checkpoint, save_hf
+
+    ckpt = load_checkpoint("tiny", dtype=torch.bfloat16)
+    folder = save_hf(tmp_path / "hf-bf16", ckpt.weights, ckpt.config)
+    shutil.copy(assets.asset_file("llama3-tokenizer", "tokenizer.json"), folder)
+    golden = record(str(folder), WALKTHROUGH_PROMPT, "fp32", out=tmp_path / "g", progress=False)
+    (outcome,) = check(golden, dtypes=("fp32",))
+    assert outcome.report.passed
