@@ -1,4 +1,5 @@
-"""`python -m golden check`: run an implementation on a golden's weights and tokens, compare, report.
+"""The runner: run an implementation on a golden's weights and tokens and compare (`check`), or compare
+two goldens (`diff_goldens`). It computes; golden.report renders what it found; golden.cli wires arguments.
 
 The implementation is any callable of the trace protocol (README, "Bring your own
 implementation"):
@@ -8,15 +9,17 @@ implementation"):
 tokens: int64 (seq,); weights: Meta-named, Meta-layout tensors in the dtype under test;
 config: impl.config.ModelConfig; trace(name, tensor): call it for every stage you compute, with
 the names and layouts of impl.stages. impl's own forward is the default.
+
+A bf16 run is judged against the fp32 golden of the same model and prompt (its "truth"), with the
+reference's own bf16 golden saying how much bf16 error is fair (golden.compare).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ class ImplementationError(Llama3GoldenError):
     """`--impl module:callable` that cannot be imported, or that raised while running."""
 
 
+# ---------------------------------------------------------------- the implementation
 def impl_forward(tokens: torch.Tensor, weights, config, trace) -> torch.Tensor:
     """impl's forward in the trace protocol."""
     from impl.model import forward
@@ -63,6 +67,7 @@ def load_callable(spec: str | None) -> Implementation:
     return fn
 
 
+# ---------------------------------------------------------------- the goldens
 def golden_set(path: str | Path | None) -> list[Golden]:
     """A golden folder, or a folder of them (e.g. golden/data/tiny with fp32/ and bf16/)."""
     path = Path(path) if path is not None else DEFAULT_GOLDEN
@@ -75,19 +80,29 @@ def golden_set(path: str | Path | None) -> list[Golden]:
     raise GoldenError(f"{path}: not a golden folder (no {MANIFEST} in it or in its subfolders)")
 
 
-def companion_fp32(golden: Golden, candidates: list[Golden]) -> Golden | None:
-    """The fp32 golden of the same model and prompt: the truth that a bf16 run is judged against."""
-    for g in candidates:
-        if g.dtype == "fp32" and g.tokens == golden.tokens and g.weights_sha256 == golden.weights_sha256:
-            return g
-    siblings = [p for p in golden.path.parent.iterdir() if p != golden.path and (p / MANIFEST).is_file()]
-    for p in siblings:
-        g = load_golden(p)
-        if g.dtype == "fp32" and g.tokens == golden.tokens and g.weights_sha256 == golden.weights_sha256:
-            return g
-    return None
+def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
+    return (candidate.dtype == "fp32" and candidate.tokens == golden.tokens
+            and candidate.weights_sha256 == golden.weights_sha256)
 
 
+def _siblings(golden: Golden) -> Iterator[Golden]:
+    """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
+    for p in sorted(golden.path.parent.iterdir()):
+        if p != golden.path and (p / MANIFEST).is_file():
+            yield load_golden(p)
+
+
+def fp32_truth(golden: Golden, loaded: list[Golden]) -> Golden | None:
+    """The fp32 golden of the same model and prompt: the truth that a bf16 run is judged against.
+
+    Taken from the goldens already loaded; a golden given alone (a folder like tiny/bf16) finds it
+    among its sibling folders.
+    """
+    candidates = chain(loaded, _siblings(golden)) if loaded == [golden] else loaded
+    return next((g for g in candidates if _is_truth_of(g, golden)), None)
+
+
+# ---------------------------------------------------------------- running
 def load_model_for(golden: Golden, dtype: torch.dtype):
     """impl's loader on the golden's model, verified to be the model the golden was recorded for."""
     from impl.weights import load_checkpoint, sha256_of_weights
@@ -98,22 +113,27 @@ def load_model_for(golden: Golden, dtype: torch.dtype):
     return ckpt, {k: v.to(dtype) for k, v in ckpt.weights.items()}  # .to is a no-op where the dtype matches
 
 
+def _normalise(name: str, tensor, config, seq: int) -> torch.Tensor:
+    """One reported stage as the golden holds it: a known name, no batch dim of 1, logits of the last position."""
+    try:
+        stages.parse(name)
+    except KeyError:
+        raise ImplementationError(f"the implementation reported an unknown stage {name!r}") from None
+    t = torch.as_tensor(tensor).detach()
+    expected = stages.expected_shape(name, config, seq)
+    if tuple(t.shape) == (1, *expected):  # a batch of one
+        t = t[0]
+    if name in ("logits", "logprobs_last") and tuple(t.shape[-2:]) == (seq, *expected):
+        t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
+    return t.clone()
+
+
 def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
     """Call fn under the trace protocol; returns the reported stages (detached copies)."""
     seen: dict[str, torch.Tensor] = {}
 
     def trace(name: str, tensor: torch.Tensor) -> None:
-        try:
-            stages.parse(name)
-        except KeyError:
-            raise ImplementationError(f"the implementation reported an unknown stage {name!r}") from None
-        t = torch.as_tensor(tensor).detach()
-        expected = stages.expected_shape(name, config, len(tokens))
-        if tuple(t.shape) == (1, *expected):  # a batch of one
-            t = t[0]
-        if name in ("logits", "logprobs_last") and tuple(t.shape[-2:]) == (len(tokens), *expected):
-            t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
-        seen[name] = t.clone()
+        seen[name] = _normalise(name, tensor, config, len(tokens))
 
     try:
         with torch.inference_mode():
@@ -125,11 +145,34 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     return seen
 
 
+def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights) -> cmp.Report:
+    """Run fn on the golden's tokens and compare every stage with the fp32 truth.
+
+    bf16: the reference's own bf16 error (golden against truth) sets each stage's limit.
+    """
+    actual = run_implementation(fn, golden.tokens, weights, config)
+    reference = golden.tensors if golden.dtype == "bf16" else None
+    return cmp.compare(truth.tensors, actual, golden.dtype, reference)
+
+
+# ---------------------------------------------------------------- check
 @dataclass
 class Outcome:
     golden: Golden  # the golden of the checked dtype
     report: cmp.Report
-    tokenizer: object = None  # what impl.tokenizer.load_tokenizer takes, for showing the next token as text
+    tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
+
+
+def _load_tokenizer(spec):
+    """The checkpoint's tokenizer, loaded once for a report; None where there is none (the ids are the fact)."""
+    if spec is None:
+        return None
+    try:
+        from impl.tokenizer import load_tokenizer
+
+        return load_tokenizer(spec)
+    except Exception:  # the text is a nicety: a tokenizer that does not load only costs the report its text
+        return None
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -137,101 +180,35 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
     """Check an implementation against every golden of a set, fp32 first."""
     fn = fn or load_callable(impl)
     goldens = golden_set(path)
+    tokenizers: dict[object, object] = {}  # tokenizer spec -> loaded tokenizer: one load per spec
     outcomes = []
     for g in sorted(goldens, key=lambda g: g.dtype != "fp32"):
         if g.dtype not in dtypes:
             continue
-        truth = g if g.dtype == "fp32" else companion_fp32(g, goldens)
+        truth = g if g.dtype == "fp32" else fp32_truth(g, goldens)
         if truth is None:
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
         ckpt, weights = load_model_for(g, g.torch_dtype)
-        actual = run_implementation(fn, g.tokens, weights, ckpt.config)
-        reference = g.tensors if g.dtype == "bf16" else None
-        outcomes.append(Outcome(g, cmp.compare(truth.tensors, actual, g.dtype, reference), ckpt.tokenizer))
+        report = check_golden(fn, g, truth, ckpt.config, weights)
+        if ckpt.tokenizer not in tokenizers:
+            tokenizers[ckpt.tokenizer] = _load_tokenizer(ckpt.tokenizer)
+        outcomes.append(Outcome(g, report, tokenizers[ckpt.tokenizer]))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes
 
 
-# ---------------------------------------------------------------- the report
-def _decode(tokenizer, token: int) -> str:
-    if tokenizer is None:
-        return ""
-    try:
-        from impl.tokenizer import load_tokenizer
+# ---------------------------------------------------------------- diff
+def diff_goldens(a: Golden, b: Golden) -> cmp.Report:
+    """Stage by stage, b against a (a is "expected"), with the suite's metrics.
 
-        return repr(load_tokenizer(tokenizer).decode([token]))
-    except Exception:  # the text is a nicety; the id is the fact
-        return ""
-
-
-def format_report(o: Outcome) -> str:
-    r, g = o.report, o.golden
-    m = g.manifest
-    lines = [f"{g.path}: {g.model_name}, {g.dtype}, {len(g.tokens)} tokens, attention {m['attn_implementation']}, "
-             f"transformers {m.get('versions', {}).get('transformers', '?')}",
-             f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result"]
-    by_stage: dict[str, list[cmp.StageResult]] = {}
-    for res in r.results:
-        by_stage.setdefault(res.stage, []).append(res)
-    for stage, rows in by_stage.items():
-        checked = [x for x in rows if x.status != cmp.NOT_CHECKED]
-        if not checked:
-            lines.append(f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not checked")
-            continue
-        worst = max(checked, key=lambda x: x.metrics.rel / x.limit if x.limit > 0 else math.inf * (x.metrics.rel > 0))
-        at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
-        bad = [x for x in checked if x.status != cmp.PASS]
-        status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
-                                                               else "")
-        if len(checked) < len(rows):
-            status += f", {len(rows) - len(checked)} not checked"
-        lines.append(f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {cmp.sci(worst.metrics.rel):>9} {at:>4}  "
-                     f"{cmp.sci(worst.limit):>8}  {status}")
-    first = r.first_failure
-    if first is not None:
-        lines.append(f"  FIRST FAILURE: {first.describe()}")
-        if first.ref_metrics is not None:
-            lines.append(f"    (the reference's own bf16 error there: rel {cmp.sci(first.ref_metrics.rel)})")
-    if r.logits is not None:
-        lg = r.logits
-        lines.append(f"  logits: KL {cmp.sci(lg.kl)} (limit {cmp.sci(lg.kl_limit)}), next token: impl {lg.top1} "
-                     f"{_decode(o.tokenizer, lg.top1)}, golden {lg.top1_golden} "
-                     f"{_decode(o.tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
-    checked = r.checked
-    n_pass = sum(x.status == cmp.PASS for x in checked)
-    verdict = "PASS" if r.passed else "FAIL"
-    lines.append(f"  {verdict}: {n_pass}/{len(checked)} stages within tolerance"
-                 + (f", {len(r.results) - len(checked)} not checked (not reported)" if len(checked) < len(r.results)
-                    else ""))
-    return "\n".join(lines)
-
-
-def write_json(outcomes: list[Outcome], file: str | Path) -> None:
-    data = [{"golden": str(o.golden.path), "model": o.golden.model_name, **o.report.to_dict()} for o in outcomes]
-    Path(file).write_text(json.dumps(data, indent=1) + "\n")
-
-
-def plot(outcomes: list[Outcome], file: str | Path) -> None:
-    """Relative error against layer for each stage, one panel per dtype (fp32 and bf16 side by side)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(outcomes), figsize=(7 * len(outcomes), 5), squeeze=False, sharey=True)
-    for ax, o in zip(axes[0], outcomes, strict=True):
-        for stage in stages.LAYER_STAGES:
-            rows = [x for x in o.report.results if x.stage == stage and x.metrics is not None]
-            if rows:
-                ax.plot([x.layer for x in rows], [max(x.metrics.rel, 1e-12) for x in rows], marker=".", label=stage,
-                        linewidth=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_title(f"{o.golden.model_name} {o.golden.dtype}: impl vs fp32 golden")
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("relative error")
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(file, dpi=110)
-    plt.close(fig)
+    fp32: the suite's fp32 tolerance table. bf16: `tolerances.DIFF_BF16_REL` for every stage
+    (two bf16 recordings of one model, e.g. before and after an upgrade).
+    """
+    check_same_model(b, a.config, a.weights_sha256, name=f"{a.model_name} of {a.path}")
+    if a.tokens != b.tokens:
+        raise GoldenError(f"{b.path}: recorded on other tokens than {a.path} ({len(b.tokens)} vs {len(a.tokens)} "
+                          f"tokens); goldens of different prompts cannot be diffed")
+    if a.dtype != b.dtype:
+        raise GoldenError(f"{b.path}: dtype {b.dtype}, {a.path} is {a.dtype}; diff compares goldens of one dtype")
+    return cmp.compare_goldens(a.tensors, b.tensors, a.dtype)

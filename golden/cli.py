@@ -1,90 +1,44 @@
 """`python -m golden ...`: record goldens, diff two of them (and, from the suite, check impl against one).
 
-Exit codes: 0 pass, 1 a check failed (drift beyond tolerance), 2 bad input. Every
-Llama3GoldenError is caught here and printed as one line `error: ...` on stderr.
+This module only wires arguments: golden.check runs checks and diffs, golden.report renders them,
+golden.record records. Exit codes: 0 pass, 1 a check failed (drift beyond tolerance), 2 bad
+input. Every Llama3GoldenError is caught here and printed as one line `error: ...` on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from golden import compare
-from golden.format import Golden, GoldenError, check_same_model, load_golden
-from impl import stages
 from impl.errors import Llama3GoldenError
 
 
-# ---------------------------------------------------------------- diff
-def diff_goldens(a: Golden, b: Golden) -> compare.Report:
-    """Stage by stage, b against a (a is "expected"), with the suite's metrics.
-
-    fp32: the suite's fp32 tolerance table. bf16: `tolerances.DIFF_BF16_REL` for every stage
-    (two bf16 recordings of one model, e.g. before and after an upgrade).
-    """
-    check_same_model(b, a.config, a.weights_sha256, name=f"{a.model_name} of {a.path}")
-    if a.tokens != b.tokens:
-        raise GoldenError(f"{b.path}: recorded on other tokens than {a.path} ({len(b.tokens)} vs {len(a.tokens)} "
-                          f"tokens); goldens of different prompts cannot be diffed")
-    if a.dtype != b.dtype:
-        raise GoldenError(f"{b.path}: dtype {b.dtype}, {a.path} is {a.dtype}; diff compares goldens of one dtype")
-    return compare.compare_goldens(a.tensors, b.tensors, a.dtype)
-
-
-def _e(x: float) -> str:
-    return f"{x:.2e}" if math.isfinite(x) else str(x)
-
-
-def format_diff(report: compare.Report, a: Path, b: Path) -> str:
-    """One row per stage (worst layer), then the verdict naming the first drifting stage."""
-    lines = [f"diff {b} against {a} ({report.dtype})",
-             f"{'stage':<14} {'worst at':<22} {'rel':>9} {'max_abs':>9} {'cosine':>10} {'limit':>9}  status"]
-    for s in stages.STAGES:
-        rows = [r for r in report.results if r.stage == s.name and r.metrics is not None]
-        if not rows:
-            continue
-        worst = max(rows, key=lambda r: (r.metrics.rel, r.metrics.max_abs))
-        bad = sum(r.status != compare.PASS for r in rows)
-        status = "ok" if not bad else f"{bad}/{len(rows)} over"
-        lines.append(f"{s.name:<14} {worst.key:<22} {_e(worst.metrics.rel):>9} {_e(worst.metrics.max_abs):>9} "
-                     f"{worst.metrics.cosine:>10.7f} {_e(worst.limit):>9}  {status}")
-    first = report.first_failure
-    if first is not None:
-        lines.append(f"first drift: {first.describe()}")
-    elif report.logits is not None and not report.logits.ok:
-        lg = report.logits
-        lines.append(f"first drift: logits: KL {_e(lg.kl)} (limit {_e(lg.kl_limit)}), top-1 {lg.top1} vs "
-                     f"{lg.top1_golden}")
-    else:
-        lines.append(f"no drift beyond tolerance ({len(report.checked)} stages)")
-    return "\n".join(lines)
-
-
 def cmd_diff(args: argparse.Namespace) -> int:
+    from golden import check, report
+    from golden.format import load_golden
+
     a, b = load_golden(args.a), load_golden(args.b)
-    report = diff_goldens(a, b)
-    print(format_diff(report, a.path, b.path))
+    result = check.diff_goldens(a, b)
+    print(report.format_diff(result, a.path, b.path))
     if args.json:
-        Path(args.json).write_text(json.dumps({"a": str(a.path), "b": str(b.path), **report.to_dict()}, indent=1)
-                                   + "\n")
-    return 0 if report.passed else 1
+        report.write_json(report.diff_json(result, a.path, b.path), args.json)
+    return 0 if result.passed else 1
 
 
-# ---------------------------------------------------------------- check
 def cmd_check(args: argparse.Namespace) -> int:
-    from golden import check
+    from golden import check, report
 
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
     outcomes = check.check(args.golden, args.impl, dtypes)
     for o in outcomes:
-        print(check.format_report(o))
+        print(report.format_report(o))
     if args.json:
-        check.write_json(outcomes, args.json)
+        report.write_json(report.check_json(outcomes), args.json)
     if args.plot:
-        check.plot(outcomes, args.plot)
+        report.plot_check(outcomes, args.plot)
     return 0 if all(o.report.passed for o in outcomes) else 1
 
 
@@ -138,19 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device-map", help="passed to from_pretrained: 'auto', 'cpu', or a JSON object")
     r.add_argument("--offload-folder", help="passed to from_pretrained, for models larger than memory")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
-    r.set_defaults(run=cmd_record)
+    r.set_defaults(func=cmd_record)
 
     d = sub.add_parser("diff", help="compare two goldens stage by stage; exit 1 on drift beyond tolerance")
     d.add_argument("a", help="the expected golden (e.g. the committed one)")
     d.add_argument("b", help="the golden to compare (e.g. re-recorded after an upgrade)")
     d.add_argument("--json", help="write every stage's metrics to this file")
-    d.set_defaults(run=cmd_diff)
+    d.set_defaults(func=cmd_diff)
 
     bl = sub.add_parser("record-baselines", help=f"re-record the committed baselines ({', '.join(BASELINES)})")
     bl.add_argument("--out", default=str(DATA_DIR), help="folder holding one golden per baseline")
     bl.add_argument("--only", nargs="+", choices=tuple(BASELINES), help="just these baselines")
     bl.add_argument("--quiet", action="store_true", help="no progress bar")
-    bl.set_defaults(run=cmd_record_baselines)
+    bl.set_defaults(func=cmd_record_baselines)
 
     c = sub.add_parser("check", help="run an implementation on a golden's weights and tokens; compare every stage")
     c.add_argument("golden", nargs="?", default=None,
@@ -159,15 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")
     c.add_argument("--plot", metavar="FILE.png", help="draw error against layer per stage, fp32 and bf16 side by side")
-    c.set_defaults(run=cmd_check)
+    c.set_defaults(func=cmd_check)
 
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except Llama3GoldenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+        return args.func(args)
+    except Llama3GoldenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code

@@ -5,14 +5,14 @@ implementation's) and returns a `Report`. Metrics per stage follow llama.cpp and
 max-abs, relative (Frobenius) error, NMSE, cosine, the worst element; on logits also KL divergence
 and top-1 agreement. The first failing stage in forward order is *the* failure; later failures
 are marked as its consequences; stages an implementation does not report are "not checked",
-never "pass".
+never "pass". It computes; golden.report renders (text, JSON, PNG) in one number format.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,21 +99,6 @@ class StageResult:
     ref_metrics: Metrics | None = None  # bf16: the reference's own error against the fp32 golden
     note: str = ""
 
-    def describe(self) -> str:
-        """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`."""
-        m = self.metrics
-        return (f"{self.key}: rel {sci(m.rel)} > limit {sci(self.limit)}, max-abs {sci(m.max_abs)}, "
-                f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
-                + (f", worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden {m.worst_expected:.6g}"
-                   if m.worst_index else "")
-                + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
-                + (f" ({self.note})" if self.note else ""))
-
-
-def sci(x: float) -> str:
-    """1.2e-03, inf, nan: how the reports print a metric."""
-    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
-
 
 @dataclass
 class Report:
@@ -136,26 +121,6 @@ class Report:
 
     def result(self, key: str) -> StageResult:
         return next(r for r in self.results if r.key == key)
-
-    def to_dict(self) -> dict:
-        def clean(x):
-            if isinstance(x, float) and not math.isfinite(x):
-                return str(x)
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return [clean(v) for v in x]
-            return x
-
-        first = self.first_failure
-        return clean({
-            "dtype": self.dtype,
-            "passed": self.passed,
-            "first_failure": first.key if first else None,
-            "logits": asdict(self.logits) if self.logits else None,
-            "stages": [asdict(r) for r in self.results],
-            "not_recorded": self.not_recorded,
-        })
 
 
 def forward_order(keys) -> list[str]:

@@ -50,14 +50,11 @@ def models(goldens):
 @pytest.fixture(scope="session")
 def check_against(goldens, models):
     """(implementation, model, dtype) -> the comparator's Report for that implementation."""
-    from golden import compare
-    from golden.check import run_implementation
+    from golden.check import check_golden
 
     def run(fn, model: str, dtype: str):
-        g, truth = goldens(model, dtype), goldens(model, "fp32")
         ckpt, weights = models(model, dtype)
-        actual = run_implementation(fn, g.tokens, weights, ckpt.config)
-        return compare.compare(truth.tensors, actual, dtype, g.tensors if dtype == "bf16" else None)
+        return check_golden(fn, goldens(model, dtype), goldens(model, "fp32"), ckpt.config, weights)
 
     return run
 

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from golden import cli
+from golden.check import diff_goldens
 from golden.compare import stage_metrics
 from golden.format import ACTIVATIONS, MANIFEST, load_golden, sha256_file, write_golden
 from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record, to_meta_layout
+from golden.report import format_diff
 from impl import stages
 from impl.errors import Llama3GoldenError
 from impl.model import forward
@@ -185,8 +187,8 @@ def test_committed_baseline_rerecords_without_drift(name, tmp_path):
     model, prompt, dtype = BASELINES[name]
     new = load_golden(record(model, prompt, dtype, out=tmp_path / name, progress=False))
     old = load_golden(DATA_DIR / name)
-    report = cli.diff_goldens(old, new)
-    assert report.passed, cli.format_diff(report, old.path, new.path)
+    report = diff_goldens(old, new)
+    assert report.passed, format_diff(report, old.path, new.path)
 
 
 # ---------------------------------------------------------------- diff

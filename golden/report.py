@@ -1,0 +1,211 @@
+"""Reports: what a check or a diff found, as a text table, JSON, a PNG and the pytest failure message.
+
+Everything a user reads about a `golden.compare.Report` is rendered here, in one number format
+(`sci`: 1.2e-03, inf, nan); golden.compare computes the metrics and the verdict, golden.check runs,
+golden.cli wires arguments. Every report says how many stages it checked out of how many the
+golden holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from golden import compare as cmp
+from golden.check import Outcome
+from impl import stages
+
+
+def sci(x: float) -> str:
+    """1.2e-03, inf, nan: how the reports print a metric."""
+    return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
+
+
+def describe(r: cmp.StageResult) -> str:
+    """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`."""
+    m = r.metrics
+    return (f"{r.key}: rel {sci(m.rel)} > limit {sci(r.limit)}, max-abs {sci(m.max_abs)}, "
+            f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
+            + (f", worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden {m.worst_expected:.6g}"
+               if m.worst_index else "")
+            + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
+            + (f" ({r.note})" if r.note else ""))
+
+
+def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
+    """Results grouped by stage name (every layer's together), in forward order."""
+    groups: dict[str, list[cmp.StageResult]] = {}
+    for r in report.results:
+        groups.setdefault(r.stage, []).append(r)
+    return groups
+
+
+# ---------------------------------------------------------------- check: the text table
+def _decode(tokenizer, token: int) -> str:
+    if tokenizer is None:
+        return ""
+    try:
+        return repr(tokenizer.decode([token]))
+    except Exception:  # the text is a nicety; the id is the fact
+        return ""
+
+
+def _worst_against_limit(rows: list[cmp.StageResult]) -> cmp.StageResult:
+    return max(rows, key=lambda x: x.metrics.rel / x.limit if x.limit > 0 else math.inf * (x.metrics.rel > 0))
+
+
+def _check_row(stage: str, rows: list[cmp.StageResult]) -> str:
+    """`  q_rope   2/2   3.3e-07  L01   1.0e-04  pass`: the stage's worst layer measured against its limit."""
+    checked = [x for x in rows if x.status != cmp.NOT_CHECKED]
+    if not checked:
+        return f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not checked"
+    worst = _worst_against_limit(checked)
+    at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
+    bad = [x for x in checked if x.status != cmp.PASS]
+    status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
+                                                           else "")
+    if len(checked) < len(rows):
+        status += f", {len(rows) - len(checked)} not checked"
+    return (f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {sci(worst.metrics.rel):>9} {at:>4}  "
+            f"{sci(worst.limit):>8}  {status}")
+
+
+def _logits_line(lg: cmp.LogitsCheck, tokenizer) -> str:
+    return (f"  logits: KL {sci(lg.kl)} (limit {sci(lg.kl_limit)}), next token: impl {lg.top1} "
+            f"{_decode(tokenizer, lg.top1)}, golden {lg.top1_golden} "
+            f"{_decode(tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
+
+
+def _verdict_line(r: cmp.Report) -> str:
+    checked = r.checked
+    n_pass = sum(x.status == cmp.PASS for x in checked)
+    unreported = len(r.results) - len(checked)
+    return (f"  {'PASS' if r.passed else 'FAIL'}: {n_pass}/{len(checked)} stages within tolerance"
+            + (f", {unreported} not checked (not reported)" if unreported else ""))
+
+
+def format_report(o: Outcome) -> str:
+    """The check of one golden: a header, one row per stage, the first failure, the logits, the verdict."""
+    r, g = o.report, o.golden
+    m = g.manifest
+    lines = [f"{g.path}: {g.model_name}, {g.dtype}, {len(g.tokens)} tokens, attention {m['attn_implementation']}, "
+             f"transformers {m.get('versions', {}).get('transformers', '?')}",
+             f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result"]
+    lines += [_check_row(stage, rows) for stage, rows in _by_stage(r).items()]
+    first = r.first_failure
+    if first is not None:
+        lines.append(f"  FIRST FAILURE: {describe(first)}")
+        if first.ref_metrics is not None:
+            lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
+    if r.logits is not None:
+        lines.append(_logits_line(r.logits, o.tokenizer))
+    lines.append(_verdict_line(r))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- diff: the text table
+def _diff_row(stage: str, rows: list[cmp.StageResult]) -> str:
+    """`q_rope  layers.1.q_rope  rel  max_abs  cosine  limit  ok`: the stage's worst layer."""
+    worst = max(rows, key=lambda r: (r.metrics.rel, r.metrics.max_abs))
+    bad = sum(r.status != cmp.PASS for r in rows)
+    status = "ok" if not bad else f"{bad}/{len(rows)} over"
+    return (f"{stage:<14} {worst.key:<22} {sci(worst.metrics.rel):>9} {sci(worst.metrics.max_abs):>9} "
+            f"{worst.metrics.cosine:>10.7f} {sci(worst.limit):>9}  {status}")
+
+
+def _drift_line(report: cmp.Report) -> str:
+    first = report.first_failure
+    if first is not None:
+        return f"first drift: {describe(first)}"
+    lg = report.logits
+    if lg is not None and not lg.ok:
+        return f"first drift: logits: KL {sci(lg.kl)} (limit {sci(lg.kl_limit)}), top-1 {lg.top1} vs {lg.top1_golden}"
+    return f"no drift beyond tolerance ({len(report.checked)} stages)"
+
+
+def format_diff(report: cmp.Report, a: Path, b: Path) -> str:
+    """One row per stage (worst layer), then the verdict naming the first drifting stage."""
+    lines = [f"diff {b} against {a} ({report.dtype})",
+             f"{'stage':<14} {'worst at':<22} {'rel':>9} {'max_abs':>9} {'cosine':>10} {'limit':>9}  status"]
+    groups = _by_stage(report)
+    for s in stages.STAGES:
+        rows = [r for r in groups.get(s.name, []) if r.metrics is not None]
+        if rows:
+            lines.append(_diff_row(s.name, rows))
+    lines.append(_drift_line(report))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- JSON
+def _finite_or_text(x):
+    """JSON has no inf or nan: they are written as the strings "inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite_or_text(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite_or_text(v) for v in x]
+    return x
+
+
+def report_dict(report: cmp.Report) -> dict:
+    """The verdict, the first failure, the logits check and every stage's metrics, as plain JSON values."""
+    first = report.first_failure
+    return _finite_or_text({
+        "dtype": report.dtype,
+        "passed": report.passed,
+        "first_failure": first.key if first else None,
+        "logits": asdict(report.logits) if report.logits else None,
+        "stages": [asdict(r) for r in report.results],
+        "not_recorded": report.not_recorded,
+    })
+
+
+def check_json(outcomes: list[Outcome]) -> list[dict]:
+    """One entry per checked golden: its path, its model, and every stage's metrics."""
+    return [{"golden": str(o.golden.path), "model": o.golden.model_name, **report_dict(o.report)} for o in outcomes]
+
+
+def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
+    return {"a": str(a), "b": str(b), **report_dict(report)}
+
+
+def write_json(data, file: str | Path) -> None:
+    Path(file).write_text(json.dumps(data, indent=1) + "\n")
+
+
+# ---------------------------------------------------------------- PNG
+def plot_panels(panels: list[tuple[str, cmp.Report]], file: str | Path) -> None:
+    """Relative error against layer for each stage, one panel per (title, report), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False, sharey=True)
+    for ax, (title, report) in zip(axes[0], panels, strict=True):
+        for stage in stages.LAYER_STAGES:
+            rows = [x for x in report.results if x.stage == stage and x.metrics is not None]
+            if rows:
+                ax.plot([x.layer for x in rows], [max(x.metrics.rel, 1e-12) for x in rows], marker=".", label=stage,
+                        linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("relative error")
+    axes[0][-1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(file, dpi=110)
+    plt.close(fig)
+
+
+def plot_check(outcomes: list[Outcome], file: str | Path) -> None:
+    """One panel per checked dtype (fp32 and bf16 side by side)."""
+    plot_panels([(f"{o.golden.model_name} {o.golden.dtype}: impl vs fp32 golden", o.report) for o in outcomes], file)
+
+
+def plot_diff(report: cmp.Report, a: Path, b: Path, file: str | Path) -> None:
+    plot_panels([(f"{Path(b).name} against {Path(a).name} ({report.dtype})", report)], file)
