@@ -25,6 +25,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     print(report.format_diff(result, a.path, b.path))
     if args.json:
         report.write_json(report.diff_json(result, a.path, b.path), args.json)
+    if args.plot:
+        report.plot_diff(result, a.path, b.path, args.plot)
     return 0 if result.passed else 1
 
 
@@ -98,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("a", help="the expected golden (e.g. the committed one)")
     d.add_argument("b", help="the golden to compare (e.g. re-recorded after an upgrade)")
     d.add_argument("--json", help="write every stage's metrics to this file")
+    d.add_argument("--plot", metavar="FILE.png", help="draw b's error against layer per stage")
     d.set_defaults(func=cmd_diff)
 
     bl = sub.add_parser("record-baselines", help=f"re-record the committed baselines ({', '.join(BASELINES)})")

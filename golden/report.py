@@ -208,4 +208,8 @@ def plot_check(outcomes: list[Outcome], file: str | Path) -> None:
 
 
 def plot_diff(report: cmp.Report, a: Path, b: Path, file: str | Path) -> None:
-    plot_panels([(f"{Path(b).name} against {Path(a).name} ({report.dtype})", report)], file)
+    """One panel: b's error against a, per stage and layer."""
+    def short(p: Path) -> str:
+        return "/".join(Path(p).parts[-2:])  # tiny/fp32
+
+    plot_panels([(f"{short(b)} against {short(a)} ({report.dtype})", report)], file)

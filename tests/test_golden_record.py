@@ -209,6 +209,12 @@ def test_diff_names_a_perturbed_stage(name, factor, tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text())["first_failure"] == "layers.1.ffn_up"
 
 
+def test_diff_draws_the_same_plot_as_check(tmp_path):
+    b = _perturbed(DATA_DIR / "tiny/fp32", tmp_path / "b", "layers.1.ffn_up", 1.001)
+    assert cli.main(["diff", str(DATA_DIR / "tiny/fp32"), str(b), "--plot", str(tmp_path / "d.png")]) == 1
+    assert (tmp_path / "d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_diff_passes_equal_goldens(capsys):
     a = str(DATA_DIR / "tiny/fp32")
     assert cli.main(["diff", a, a]) == 0
