@@ -212,3 +212,16 @@ def diff_goldens(a: Golden, b: Golden) -> cmp.Report:
     if a.dtype != b.dtype:
         raise GoldenError(f"{b.path}: dtype {b.dtype}, {a.path} is {a.dtype}; diff compares goldens of one dtype")
     return cmp.compare_goldens(a.tensors, b.tensors, a.dtype)
+
+
+@dataclass
+class Diff:
+    a: Golden  # expected
+    b: Golden  # compared against a
+    report: cmp.Report
+
+
+def diff(a: str | Path, b: str | Path) -> Diff:
+    """Load two golden folders and diff b against a."""
+    ga, gb = load_golden(a), load_golden(b)
+    return Diff(ga, gb, diff_goldens(ga, gb))

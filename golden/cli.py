@@ -18,16 +18,14 @@ from impl.errors import Llama3GoldenError
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from golden import check, report
-    from golden.format import load_golden
 
-    a, b = load_golden(args.a), load_golden(args.b)
-    result = check.diff_goldens(a, b)
-    print(report.format_diff(result, a.path, b.path))
+    d = check.diff(args.a, args.b)
+    print(report.format_diff(d.report, d.a.path, d.b.path))
     if args.json:
-        report.write_json(report.diff_json(result, a.path, b.path), args.json)
+        report.write_json(report.diff_json(d.report, d.a.path, d.b.path), args.json)
     if args.plot:
-        report.plot_diff(result, a.path, b.path, args.plot)
-    return 0 if result.passed else 1
+        report.plot_diff(d.report, d.a.path, d.b.path, args.plot)
+    return 0 if d.report.passed else 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
