@@ -2,8 +2,8 @@
 
 Everything a user reads about a `golden.compare.Report` is rendered here, in one number format
 (`sci`: 1.2e-03, inf, nan); golden.compare computes the metrics and the verdict, golden.check runs,
-golden.cli wires arguments. Every report says how many stages it checked out of how many the
-golden holds.
+golden.cli wires arguments. A check's table says, per stage, how many layers it checked out of how
+many the golden holds.
 """
 
 from __future__ import annotations
