@@ -12,9 +12,10 @@ import torch
 from golden import cli
 from golden.compare import stage_metrics
 from golden.format import ACTIVATIONS, MANIFEST, load_golden, sha256_file, write_golden
-from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record, to_meta_layout
+from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record
 from impl import stages
 from impl.errors import Llama3GoldenError
+from impl.layout import rotate_half_to_interleaved as to_meta_layout
 from impl.model import forward
 from impl.weights import load_checkpoint
 

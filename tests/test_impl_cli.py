@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from impl import cli
-from impl.weights import load_checkpoint, save_hf
+from impl.formats.hf import save_hf
+from impl.weights import load_checkpoint
 
 
 def _run(capsys, *args):
