@@ -19,10 +19,9 @@ import torch
 from benchmarks import walkthrough
 from impl import model
 from impl.config import PRESETS, ModelConfig
-from impl.layout import interleaved_to_rotate_half, permute_qk
+from impl.layout import DTYPES, interleaved_to_rotate_half, permute_qk
 
 MODELS = ("llama-3-8b", "smollm2-135m")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROOFS = ("roof-mm", "roof-bw")
 IMPLEMENTATIONS = {
     "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa", *ROOFS),

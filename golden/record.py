@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from golden.format import DTYPES, environment, write_golden
+from golden.format import environment, write_golden
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError, PromptError
-from impl.layout import rotate_half_to_interleaved
+from impl.layout import DTYPES, rotate_half_to_interleaved
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 # Stages the recorder computes itself rather than reading from transformers, per attention.
