@@ -5,6 +5,7 @@ not only against themselves)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ import torch
 from impl import weights as W
 from impl.config import PRESETS, from_meta_params
 from impl.errors import AssetError, ConfigError, ShapeError, UnknownModelError
-from impl.formats.gguf import load_gguf, save_gguf
+from impl.formats.gguf import llama3_rope_factors, load_gguf, save_gguf
 from impl.formats.hf import from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
 from impl.formats.meta import load_meta, meta_params, save_meta
 from impl.layout import expected_shapes, permute_qk, unpermute_qk, validate
@@ -80,6 +81,15 @@ def test_permute_qk_moves_pairs_to_halves():
     # One head of head_dim 6: Meta rows (r0, i0, r1, i1, r2, i2) -> HF rows (r0, r1, r2, i0, i1, i2).
     meta = torch.tensor([[0.0], [10.0], [1.0], [11.0], [2.0], [12.0]])
     assert permute_qk(meta, 1).flatten().tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+
+
+def test_layout_imports_neither_model_nor_weights_nor_formats():
+    # impl.model imports impl.layout (Weights), impl.formats.gguf imports impl.model: layout stays below both.
+    code = ("import sys, impl.layout; "
+            "print([m for m in ('impl.model', 'impl.weights', 'impl.formats') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 def test_hf_state_dict_round_trip_is_exact(tiny_weights):
@@ -304,6 +314,33 @@ def test_save_gguf_round_trips_llama31_rope_scaling(tmp_path):
     ck = W.load_checkpoint(save_gguf(tmp_path / "m.gguf", weights, config))
     assert ck.config == config
     assert_same_weights(ck.weights, weights)
+
+
+def _llama_cpp_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py (LlamaModel): the Llama 3.1 divisors it stores in rope_freqs.weight."""
+    s, dim = config.rope_scaling, config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["tiny-scaled", "llama-3.1-8b", "llama-3.2-1b"])
+def test_gguf_rope_factors_are_llama_cpps(preset):
+    # Derived from impl.model's scaling (unscaled / scaled frequency); llama.cpp re-types the formula as a loop.
+    config = PRESETS[preset]
+    torch.testing.assert_close(llama3_rope_factors(config), _llama_cpp_rope_factors(config), rtol=1e-6, atol=0)
 
 
 def test_load_gguf_vocab_comes_from_token_list(tmp_path):
