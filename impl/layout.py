@@ -174,23 +174,23 @@ def cut_layers(config: ModelConfig, n_layers: int | None) -> ModelConfig:
 
 # ----------------------------------------------------------------------------- the q/k permutation
 
-def rotate_half_positions(head_dim: int) -> torch.Tensor:
+def rotate_half_positions(head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
     """For each Meta position, the position of the same number in rotate-half order: (d,) int64.
 
     RoPE's partners are (2j, 2j + 1) in Meta's interleaved order and (j, j + d/2) in rotate-half order,
     so Meta's 2j + p sits at j + p * d/2: [0, d/2, 1, d/2 + 1, ...]. Its inverse is argsort.
     """
-    return torch.arange(head_dim).view(2, head_dim // 2).T.reshape(head_dim)
+    return torch.arange(head_dim, device=device).view(2, head_dim // 2).T.reshape(head_dim)
 
 
 def rotate_half_to_interleaved(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """HF -> Meta order along `dim`, which holds one head: (..., d, ...) -> same shape."""
-    return x.index_select(dim, rotate_half_positions(x.shape[dim]))
+    return x.index_select(dim, rotate_half_positions(x.shape[dim], x.device))
 
 
 def interleaved_to_rotate_half(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Meta -> HF order along `dim`, which holds one head: the inverse of rotate_half_to_interleaved."""
-    return x.index_select(dim, torch.argsort(rotate_half_positions(x.shape[dim])))
+    return x.index_select(dim, torch.argsort(rotate_half_positions(x.shape[dim], x.device)))
 
 
 def permute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
