@@ -19,9 +19,9 @@ import torch
 from benchmarks import walkthrough
 from impl import model
 from impl.config import PRESETS, ModelConfig
+from impl.layout import DTYPES, interleaved_to_rotate_half, permute_qk
 
 MODELS = ("llama-3-8b", "smollm2-135m")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROOFS = ("roof-mm", "roof-bw")
 IMPLEMENTATIONS = {
     "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa", *ROOFS),
@@ -151,12 +151,6 @@ def _walkthrough(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.T
     return lambda: walkthrough.attention(inp.x, w, c, freqs_cis, past)
 
 
-def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta -> transformers q/k rows: interleaved pairs (2i, 2i+1) -> rotate-half halves (i, i + d/2)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
 def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     from transformers import LlamaConfig
 
@@ -195,8 +189,8 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
         return lambda: mlp(x)[0]
     with torch.device("meta"):
         module = LlamaAttention(hf_cfg, layer_idx=0)
-    module.load_state_dict({"q_proj.weight": hf_permute(w["attention.wq.weight"], c.n_heads),
-                            "k_proj.weight": hf_permute(w["attention.wk.weight"], c.n_kv_heads),
+    module.load_state_dict({"q_proj.weight": permute_qk(w["attention.wq.weight"], c.n_heads),
+                            "k_proj.weight": permute_qk(w["attention.wk.weight"], c.n_kv_heads),
                             "v_proj.weight": w["attention.wv.weight"], "o_proj.weight": w["attention.wo.weight"]},
                            assign=True)
     module.requires_grad_(False)
@@ -209,8 +203,7 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
     cache = None
     if shape.past:
         d = c.head_dim
-        # Cached keys in transformers' rotate-half layout: pair halves (0::2 | 1::2) of each head.
-        past_k = torch.cat([inp.past_k[..., 0::2], inp.past_k[..., 1::2]], dim=-1)
+        past_k = interleaved_to_rotate_half(inp.past_k)  # cached keys in transformers' layout, per head
         k = torch.zeros(1, c.n_kv_heads, shape.kv_len, d, dtype=x.dtype)
         v = torch.zeros_like(k)
         k[0, :, :shape.past], v[0, :, :shape.past] = past_k.transpose(0, 1), inp.past_v.transpose(0, 1)

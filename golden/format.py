@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError
+from impl.layout import DTYPES  # a golden's dtype names: "fp32" | "bf16"
 
 FORMAT = "llama3-golden"
 VERSION = 1
@@ -48,7 +49,6 @@ LAYOUT = {
     "logits": "last position",
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _REQUIRED = ("model", "dtype", "attn_implementation", "prompt", "tokens", "stages", "activations_sha256")
 # CPU features that change which kernels (and so which rounding) torch picks.
 _NUMERIC_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",

@@ -32,14 +32,15 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# impl.layout.DTYPES' names, spelled out so that --help and tokenize need not import torch
+# (tests/test_impl_cli.py checks they agree).
+DTYPE_NAMES = ("bf16", "fp32")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from impl.errors import PromptError
     from impl.generate import generate
+    from impl.layout import DTYPES
     from impl.tokenizer import load_tokenizer
     from impl.weights import load_checkpoint
 
@@ -47,7 +48,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PromptError("empty prompt: give --prompt some text")
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    ckpt = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype])
     if ckpt.tokenizer is None:
         raise PromptError(f"{args.model}: no tokenizer found beside the weights")
     tokenizer = load_tokenizer(ckpt.tokenizer)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset (smollm2-135m, tiny, meta-llama/...) or a local checkpoint (default: %(default)s)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.set_defaults(func=cmd_generate)
     return parser
 

@@ -98,7 +98,7 @@ def _untied_output(w):
 
 def _hf_layout_qk(weights, config):
     """Conversion skipped: HF rotate-half q/k rows used with complex (interleaved) RoPE."""
-    from impl.weights import permute_qk
+    from impl.layout import permute_qk
 
     out = dict(weights)
     for i in range(config.n_layers):

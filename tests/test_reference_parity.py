@@ -8,8 +8,11 @@ import torch
 from golden import compare
 from golden.record import load_reference
 from impl import model
+from impl.formats.gguf import save_gguf
+from impl.formats.hf import save_hf
+from impl.formats.meta import save_meta
 from impl.generate import generate
-from impl.weights import load_checkpoint, save_gguf, save_hf, save_meta
+from impl.weights import load_checkpoint
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
