@@ -105,13 +105,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse arguments holding lone surrogates: the command line had bytes that are not UTF-8 (Python keeps
+    them as U+DC80..U+DCFF), which would be tokenized as U+FFFD or fail when printed."""
+    from impl.errors import PromptError
+
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            bad = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is not None:
+                label = name.upper() if name == "text" else f"--{name.replace('_', '-')}"  # TEXT is positional
+                raise PromptError(f"{label}: not valid UTF-8 text "
+                                  f"(a lone surrogate {value[bad]!a} at character {bad})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_text(args)
         return args.func(args)
     except Llama3GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except UnicodeEncodeError as exc:  # stdout that cannot hold the answer (PYTHONIOENCODING=ascii:strict)
+        print(f"error: cannot write the output as {exc.encoding}: {exc.reason} ({exc.object[exc.start:exc.end]!a}); "
+              "set PYTHONIOENCODING=utf-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
