@@ -1,7 +1,6 @@
-"""impl's fast path (no trace: SDPA, fused weights) computes the same logits as the traced path.
+"""impl's fast forward (SDPA, stacked weights, matmul_t): what generate and the benchmarks run.
 
-The traced path writes every stage out explicitly (scores, probs) and is what the golden suite checks; the
-fast path is what the benchmarks time. On a small random model they must agree: tightly in fp32, loosely
+On a small random model it must compute what the reference forward computes: tightly in fp32, loosely
 in bf16 (where the two paths round in different places).
 """
 
@@ -30,7 +29,7 @@ def traced_logits(weights, tokens=TOKENS):
 def test_fastpath_prefill_logits_equal_traced(weights, prepare):
     dtype = weights["norm.weight"].dtype
     w = model.fuse_weights(weights, CONFIG) if prepare else weights
-    got = model.forward(TOKENS, w, CONFIG)
+    got = model.forward_fast(TOKENS, w, CONFIG)
     torch.testing.assert_close(got, traced_logits(weights), **TOL[dtype], msg=lambda m: f"{dtype} fast path: {m}")
 
 
@@ -39,9 +38,9 @@ def test_fastpath_decode_with_cache_equals_traced(weights, prepare):
     dtype = weights["norm.weight"].dtype
     w = model.fuse_weights(weights, CONFIG) if prepare else weights
     cache = model.KVCache.empty(CONFIG, 32, dtype)
-    model.forward(TOKENS[:-2], w, CONFIG, cache=cache)
-    model.forward(TOKENS[-2:-1], w, CONFIG, start_pos=len(TOKENS) - 2, cache=cache)
-    last = model.forward(TOKENS[-1:], w, CONFIG, start_pos=len(TOKENS) - 1, cache=cache, all_logits=False)
+    model.forward_fast(TOKENS[:-2], w, CONFIG, cache=cache)
+    model.forward_fast(TOKENS[-2:-1], w, CONFIG, start_pos=len(TOKENS) - 2, cache=cache)
+    last = model.forward_fast(TOKENS[-1:], w, CONFIG, start_pos=len(TOKENS) - 1, cache=cache, all_logits=False)
     torch.testing.assert_close(last, traced_logits(weights)[-1], **TOL[dtype],
                                msg=lambda m: f"{dtype} decode step: {m}")
 
@@ -68,7 +67,7 @@ def test_fastpath_long_prompt_logits_equal_traced(weights):
     """160 tokens: past BF16_VIA_FP32_MIN_ROWS, where bf16 projections may run in fp32 blocks."""
     dtype = weights["norm.weight"].dtype
     tokens = torch.randint(0, CONFIG.vocab_size, (160,), generator=torch.Generator().manual_seed(2))
-    got = model.forward(tokens, model.fuse_weights(weights, CONFIG), CONFIG)
+    got = model.forward_fast(tokens, model.fuse_weights(weights, CONFIG), CONFIG)
     torch.testing.assert_close(got, traced_logits(weights, tokens), **TOL[dtype], msg=lambda m: f"{dtype}: {m}")
 
 
@@ -81,3 +80,4 @@ def test_matmul_t_equals_matmul(rows, monkeypatch):
     got = model.matmul_t(x, w)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 5000)
     torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-3)
+
