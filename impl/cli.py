@@ -38,14 +38,13 @@ DTYPE_NAMES = ("bf16", "fp32")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from impl.errors import PromptError
+    from impl.errors import PromptError, check_prompt
     from impl.generate import generate
     from impl.layout import DTYPES
     from impl.tokenizer import load_tokenizer
     from impl.weights import load_checkpoint
 
-    if not args.prompt.strip():
-        raise PromptError("empty prompt: give --prompt some text")
+    check_prompt(args.prompt.strip())  # before loading anything: only emptiness can be told from text
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype])
@@ -53,8 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise PromptError(f"{args.model}: no tokenizer found beside the weights")
     tokenizer = load_tokenizer(ckpt.tokenizer)
     ids = tokenizer.encode(args.prompt)
-    if len(ids) >= ckpt.config.max_seq_len:
-        raise PromptError(f"the prompt is {len(ids)} tokens; the context of {args.model} is {ckpt.config.max_seq_len}")
+    check_prompt(ids, ckpt.config.max_seq_len, new_tokens=1, model=args.model)
     printed = b""
     out: list[int] = []
 
