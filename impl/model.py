@@ -9,9 +9,10 @@ read from the config. Tensors have no batch dimension: one prompt of `seq` token
   `trace(key, tensor)` under the stage names of `impl.stages`. It is what the goldens check, stage
   by stage. The trace only observes: with none, the same computation runs unobserved.
 - `forward_fast` is what `impl.generate` and the benchmarks run: the same math with no trace, through
-  fused kernels (SDPA; stacked q|k|v and w1|w3 matrices from `fuse_weights`; `matmul_t`). Which of its
-  engines to use is decided once per call (`choose_engines`). The goldens check it at the logits and
-  the KV cache (tests/test_model_fastpath.py).
+  fused kernels (SDPA; stacked q|k|v and w1|w3 matrices from `fuse_weights`, packed ones from
+  `prepare_for_generation`). Its GEMM engine is the one measured fastest on the running machine for the
+  weights' dtype and the call's row count (impl.engines), chosen once per call (`choose_engines`). The
+  goldens check it at the logits and the KV cache (tests/test_model_fastpath.py).
 
 Seams. The reference forward calls these functions through this module's globals, never through a
 local alias, so tests swap one with monkeypatch and copy no model code: tests/test_mutations.py puts
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from impl import engines as gemm
 from impl.config import ModelConfig, RopeScaling
 from impl.errors import check_prompt
 from impl.layout import Weights
@@ -297,27 +299,33 @@ def forward(tokens: torch.Tensor, weights: Weights, config: ModelConfig, trace: 
 
 # ================================================================ the fast forward
 # ---------------------------------------------------------------- its matmul
-# x86 without AMX multiplies bf16 through AVX512-BF16 dot products at about half its fp32 rate (measured in
-# benchmarks/: the roof-mm rows). There, prompts multiply in fp32, converting the bf16 weight a block of rows at
-# a time: never a whole fp32 copy, one rounding to bf16 at the end as in a bf16 matmul.
-_BF16_VIA_FP32 = (torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-                  and not getattr(torch._C._cpu, "_init_amx", lambda: True)())
-BF16_VIA_FP32_MIN_ROWS = 128  # below, the conversion costs more than it saves (decode, short prompts)
-_BLOCK_ELEMENTS = 1 << 22  # 16 MB of fp32 weight per block
-
-
 def matmul_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x @ w.T, the fast path's projection. x: (seq, in); w: (out, in) -> (seq, out) in x's dtype."""
-    if not (_BF16_VIA_FP32 and x.dtype == torch.bfloat16 and x.shape[0] >= BF16_VIA_FP32_MIN_ROWS):
-        return x @ w.T
-    xf, out = x.float(), torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-    rows = max(1, _BLOCK_ELEMENTS // w.shape[1])
-    for start in range(0, w.shape[0], rows):
-        out[:, start:start + rows] = xf @ w[start:start + rows].float().T
-    return out
+    """x @ w.T through the engine measured fastest on this machine for x's dtype and row count (impl.engines).
+
+    x: (seq, in); w: (out, in) plain -> (seq, out) in x's dtype. The fast forward picks its engine once per call
+    (`choose_engines`); this is the same choice for a single product.
+    """
+    return gemm.engine_for(_DTYPE_NAMES[x.dtype], x.shape[0]).matmul(x, w)
+
+
+_DTYPE_NAMES = {v: k for k, v in gemm.DTYPES.items()}
 
 
 # ---------------------------------------------------------------- its weights: stacked once, after loading
+FUSED = (("attention.wqkv", ("wq", "wk", "wv")), ("feed_forward.w13", ("w1", "w3")))
+PACKABLE = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")  # what packed weights replace
+
+
+def _fuse_layer(src: dict[str, torch.Tensor], out: dict[str, torch.Tensor], i: int) -> None:
+    p = f"layers.{i}."
+    for fused, parts in FUSED:
+        names = [f"{p}{fused.split('.')[0]}.{n}.weight" for n in parts]
+        sizes = [src[n].shape[0] for n in names]
+        stacked = torch.cat([out.pop(n) for n in names])
+        out[f"{p}{fused}.weight"] = stacked
+        out.update(zip(names, stacked.split(sizes), strict=True))
+
+
 def fuse_weights(weights: Weights, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The same weights plus wq|wk|wv and w1|w3 stacked (`attention.wqkv`, `feed_forward.w13`) for the fast path.
 
@@ -326,113 +334,153 @@ def fuse_weights(weights: Weights, config: ModelConfig) -> dict[str, torch.Tenso
     """
     out = dict(weights)
     for i in range(config.n_layers):
-        p = f"layers.{i}."
-        for fused, parts in (("attention.wqkv", ("wq", "wk", "wv")), ("feed_forward.w13", ("w1", "w3"))):
-            names = [f"{p}{fused.split('.')[0]}.{n}.weight" for n in parts]
-            stacked = torch.cat([out.pop(n) for n in names])
-            out[f"{p}{fused}.weight"] = stacked
-            out.update(zip(names, stacked.split([weights[n].shape[0] for n in names]), strict=True))
+        _fuse_layer(weights, out, i)
     return out
 
 
+def prepare_for_generation(weights: dict[str, torch.Tensor], config: ModelConfig,
+                           layout: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights as a process that only generates holds them: fused, and packed where that is faster here.
+
+    Consumes `weights` layer by layer (the dict is emptied), so at most one layer's matrices exist twice while it
+    runs: 8B bf16 stays within its 17 GB. layout: impl.engines.PLAIN or PACKED; None = what the engine table says
+    for the weights' dtype. Packed weights replace the plain ones (an opaque oneDNN layout): the reference forward
+    and the golden checks cannot read them, only `forward_fast`.
+    """
+    dtype = _DTYPE_NAMES[weights["tok_embeddings.weight"].dtype]
+    layout = layout or gemm.layout_for_generation(dtype)
+    out: dict[str, torch.Tensor] = {}
+    for name in [n for n in weights if not n.startswith("layers.")]:
+        out[name] = weights.pop(name)
+    for i in range(config.n_layers):
+        p = f"layers.{i}."
+        for name in [n for n in weights if n.startswith(p)]:
+            out[name] = weights.pop(name)
+        _fuse_layer(dict(out), out, i)
+        if layout == gemm.PACKED:
+            for name in PACKABLE:
+                out[f"{p}{name}.weight"] = gemm.pack_onednn(out[f"{p}{name}.weight"])
+            for _, parts in FUSED:  # the row views would keep the plain stacked matrices alive
+                for part in parts:
+                    out.pop(next(n for n in out if n.startswith(p) and n.endswith(f".{part}.weight")))
+    return out
+
+
+def weights_layout(weights: Weights) -> str:
+    """PACKED when prepare_for_generation packed them, else PLAIN."""
+    w = weights.get("layers.0.attention.wqkv.weight")
+    return gemm.PACKED if w is not None and w.is_mkldnn else gemm.PLAIN
+
+
 # ---------------------------------------------------------------- its kernels
+MatMul = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (seq, in), w) -> x @ w.T (seq, out)
+
+
 def grouped_query_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  start_pos: int = 0) -> torch.Tensor:
     """grouped_query_attention through torch's fused kernel, without materialising repeated k/v or the scores.
 
-    q: (seq, h, d); k, v: (kv_len, kv, d) -> (seq, h, d). The batch dimension matters: torch's CPU flash kernel
-    takes 4-d inputs only (3-d falls back to the math path, 2-7x slower), and `is_causal` spares it the mask
-    when queries and keys start together.
+    q: (seq, h, d); k, v: (kv_len, kv, d) -> (seq, h, d) in q's dtype. The batch dimension matters: torch's CPU
+    flash kernel takes 4-d inputs only (3-d falls back to the math path, 2-7x slower), and `is_causal` spares it
+    the mask when queries and keys start together. bf16 inputs run the kernel in fp32 (q, k, v converted, the
+    result rounded once): torch's bf16 kernel rounds its blocks' partial results to bf16 and moved SmolLM2's
+    logits past the goldens' KL bound (3.0e-3 against 2.2e-3), where fp32 attention measures 1.2e-3 as the
+    reference does. The conversion reads the cached keys once more, a small fraction of a layer's weights.
     """
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
     q_len, kv_len = q.shape[0], k.shape[0]
     mask = None if q_len in (1, kv_len) else causal_mask(q_len, kv_len, start_pos, q.dtype)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                          v.transpose(0, 1)[None], attn_mask=mask, is_causal=q_len == kv_len > 1,
                                          enable_gqa=q.shape[1] != k.shape[1])  # (1, h, seq, d)
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1).to(dtype)
 
 
-def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv: int,
-             freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv: int, freqs_cis: torch.Tensor,
+             mm: MatMul = matmul_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from one matmul with wq, wk, wv stacked; RoPE on q and k in one call.
 
     x: (seq, dim); wqkv: ((h + 2 kv) * d, dim) -> q (seq, h, d), k and v (seq, kv, d).
     """
     seq = x.shape[0]
-    qkv = matmul_t(x, wqkv).view(seq, n_heads + 2 * n_kv, -1)  # (seq, h + 2 kv, d)
+    qkv = mm(x, wqkv).view(seq, n_heads + 2 * n_kv, -1)  # (seq, h + 2 kv, d)
     qk = apply_rope(qkv[:, :n_heads + n_kv], freqs_cis)  # (seq, h + kv, d)
     return qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv:]
 
 
-def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+           mm: MatMul = matmul_t) -> torch.Tensor:
     """(silu(x @ w1.T) * (x @ w3.T)) @ w2.T. x: (seq, dim) -> (seq, dim)."""
-    gate, up = swiglu_parts(x, w1, w3)
-    return matmul_t(gate.mul_(up), w2)  # in place: one (seq, hidden) temporary fewer
+    gate = F.silu(mm(x, w1), inplace=True)
+    return mm(gate.mul_(mm(x, w3)), w2)  # in place: one (seq, hidden) temporary fewer
 
 
-def swiglu_fused(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def swiglu_fused(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, mm: MatMul = matmul_t) -> torch.Tensor:
     """swiglu with w1 and w3 stacked as one (2 * hidden, dim) matrix: one matmul for the gate and the up."""
-    gate, up = matmul_t(x, w13).chunk(2, dim=-1)  # (seq, hidden) each
-    return matmul_t(F.silu(gate, inplace=True).mul_(up), w2)
+    gate, up = mm(x, w13).chunk(2, dim=-1)  # (seq, hidden) each
+    return mm(F.silu(gate, inplace=True).mul_(up), w2)
 
 
 # ---------------------------------------------------------------- its engines, chosen once per call
-def qkv_rope_stacked(x: torch.Tensor, w: Weights, i: int, config: ModelConfig,
-                     freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope_stacked(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, freqs_cis: torch.Tensor,
+                     mm: MatMul) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer i's q, k (after RoPE) and v from the stacked wq|wk|wv (fuse_weights). x: (seq, dim)."""
-    return qkv_rope(x, w[f"layers.{i}.attention.wqkv.weight"], config.n_heads, config.n_kv_heads, freqs_cis)
+    return qkv_rope(x, w[f"layers.{i}.attention.wqkv.weight"], config.n_heads, config.n_kv_heads, freqs_cis, mm)
 
 
-def qkv_rope_separate(x: torch.Tensor, w: Weights, i: int, config: ModelConfig,
-                      freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def qkv_rope_separate(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, freqs_cis: torch.Tensor,
+                      mm: MatMul) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer i's q, k (after RoPE) and v from wq, wk, wv: one matmul each. x: (seq, dim)."""
     p = f"layers.{i}.attention."
     seq, d = x.shape[0], config.head_dim
-    q = (x @ w[p + "wq.weight"].T).view(seq, config.n_heads, d)  # (seq, h, d)
-    k = (x @ w[p + "wk.weight"].T).view(seq, config.n_kv_heads, d)  # (seq, kv, d)
-    v = (x @ w[p + "wv.weight"].T).view(seq, config.n_kv_heads, d)  # (seq, kv, d)
+    q = mm(x, w[p + "wq.weight"]).view(seq, config.n_heads, d)  # (seq, h, d)
+    k = mm(x, w[p + "wk.weight"]).view(seq, config.n_kv_heads, d)  # (seq, kv, d)
+    v = mm(x, w[p + "wv.weight"]).view(seq, config.n_kv_heads, d)  # (seq, kv, d)
     return apply_rope(q, freqs_cis), apply_rope(k, freqs_cis), v
 
 
-def feed_forward_stacked(x: torch.Tensor, w: Weights, i: int) -> torch.Tensor:
+def feed_forward_stacked(x: torch.Tensor, w: Weights, i: int, mm: MatMul) -> torch.Tensor:
     """Layer i's FFN from the stacked w1|w3 (fuse_weights). x: (seq, dim) -> (seq, dim)."""
     p = f"layers.{i}.feed_forward."
-    return swiglu_fused(x, w[p + "w13.weight"], w[p + "w2.weight"])
+    return swiglu_fused(x, w[p + "w13.weight"], w[p + "w2.weight"], mm)
 
 
-def feed_forward_separate(x: torch.Tensor, w: Weights, i: int) -> torch.Tensor:
+def feed_forward_separate(x: torch.Tensor, w: Weights, i: int, mm: MatMul) -> torch.Tensor:
     """Layer i's FFN from w1, w3, w2. x: (seq, dim) -> (seq, dim)."""
     p = f"layers.{i}.feed_forward."
-    return swiglu(x, w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"])
+    return swiglu(x, w[p + "w1.weight"], w[p + "w3.weight"], w[p + "w2.weight"], mm)
 
 
 @dataclass(frozen=True)
 class Engines:
     """How the fast forward computes the parts that have more than one way: chosen once at the top of a call."""
 
-    qkv_rope: Callable[[torch.Tensor, Weights, int, ModelConfig, torch.Tensor],
-                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (x, w, i, config, freqs_cis) -> q, k, v
-    feed_forward: Callable[[torch.Tensor, Weights, int], torch.Tensor]  # (x, w, i) -> (seq, dim)
+    qkv_rope: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (x, w, i, config, freqs_cis, mm)
+    feed_forward: Callable[..., torch.Tensor]  # (x, w, i, mm) -> (seq, dim)
+    matmul: MatMul  # the layers' projections, in the weights' layout
+    engine: str  # impl.engines' name of `matmul`'s engine
 
 
-STACKED = Engines(qkv_rope_stacked, feed_forward_stacked)
-SEPARATE = Engines(qkv_rope_separate, feed_forward_separate)
-
-
-def choose_engines(weights: Weights) -> Engines:
-    """Stacked matrices where fuse_weights made them (one matmul for q|k|v, one for w1|w3), else one per matrix."""
-    return STACKED if "layers.0.attention.wqkv.weight" in weights else SEPARATE
+def choose_engines(weights: Weights, rows: int = 1) -> Engines:
+    """Stacked matrices where fuse_weights made them, else one per matrix; the GEMM engine measured fastest here
+    for the weights' dtype, layout and `rows` (impl.engines: decode, short or long prompt)."""
+    dtype = _DTYPE_NAMES[weights["tok_embeddings.weight"].dtype]
+    engine = gemm.engine_for(dtype, rows, weights_layout(weights))
+    if "layers.0.attention.wqkv.weight" in weights:
+        return Engines(qkv_rope_stacked, feed_forward_stacked, engine.matmul, engine.name)
+    return Engines(qkv_rope_separate, feed_forward_separate, engine.matmul, engine.name)
 
 
 # ---------------------------------------------------------------- the forward
 def attention_fast(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, freqs_cis: torch.Tensor,
                    start_pos: int, cache: KVCache | None, engines: Engines) -> torch.Tensor:
     """`attention` through the chosen engines and SDPA, nothing reported. x: (seq, dim) -> (seq, dim)."""
-    q, k, v = engines.qkv_rope(x, w, i, config, freqs_cis)  # (seq, h, d), (seq, kv, d), (seq, kv, d)
+    q, k, v = engines.qkv_rope(x, w, i, config, freqs_cis, engines.matmul)  # (seq, h, d), (seq, kv, d) x 2
     if cache is not None:
         k, v = cache.update(i, start_pos, k, v)  # (kv_len, kv, d)
     heads = grouped_query_attention_sdpa(q, k, v, start_pos)  # (seq, h, d)
-    return matmul_t(heads.reshape(x.shape[0], -1), w[f"layers.{i}.attention.wo.weight"])
+    return engines.matmul(heads.reshape(x.shape[0], -1), w[f"layers.{i}.attention.wo.weight"])
 
 
 def transformer_block_fast(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, freqs_cis: torch.Tensor,
@@ -441,7 +489,7 @@ def transformer_block_fast(x: torch.Tensor, w: Weights, i: int, config: ModelCon
     p = f"layers.{i}."
     xn = rms_norm(x, w[p + "attention_norm.weight"], config.norm_eps)
     h = x + attention_fast(xn, w, i, config, freqs_cis, start_pos, cache, engines)
-    return h + engines.feed_forward(rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps), w, i)
+    return h + engines.feed_forward(rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps), w, i, engines.matmul)
 
 
 @torch.inference_mode()
@@ -449,15 +497,16 @@ def forward_fast(tokens: torch.Tensor, weights: Weights, config: ModelConfig, st
                  cache: KVCache | None = None, all_logits: bool = True) -> torch.Tensor:
     """`forward` without a trace, through fused kernels: what generation and the benchmarks run.
 
-    Same arguments and result as `forward`. Takes plain weights or `fuse_weights`' stacked ones.
+    Same arguments and result as `forward`. Takes plain weights, `fuse_weights`' stacked ones or
+    `prepare_for_generation`'s (possibly packed) ones.
     """
-    engines = choose_engines(weights)  # the one choice of this call, not re-made per layer
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)  # (seq,)
+    engines = choose_engines(weights, tokens.shape[0])  # the one choice of this call, not re-made per layer
     check_prompt(tokens, context_length(config, cache), start_pos=start_pos)
     x = weights["tok_embeddings.weight"][tokens]  # (seq, dim)
     freqs_cis = precompute_freqs_cis(config, tokens.shape[0], start_pos)  # (seq, d/2)
     for i in range(config.n_layers):
         x = transformer_block_fast(x, weights, i, config, freqs_cis, start_pos, cache, engines)
     x = rms_norm(x, weights["norm.weight"], config.norm_eps)
-    out_w = output_weight(weights)  # (vocab, dim)
-    return x @ out_w.T if all_logits else x[-1] @ out_w.T
+    out_w = output_weight(weights)  # (vocab, dim): plain in every layout (the embedding reads it too when tied)
+    return matmul_t(x, out_w) if all_logits else matmul_t(x[-1:], out_w)[0]

@@ -1,0 +1,298 @@
+"""Which GEMM engine the fast forward multiplies with: chosen by measurement on the running machine, not by CPU flags.
+
+The same `x @ w.T` runs 2-5x faster or slower depending on the engine and the CPU: torch's default (MKL or
+oneDNN, repacking the weight at every call), oneDNN with the weight packed once, numpy's OpenBLAS, and for bf16
+native AVX512-BF16/AMX kernels or fp32 kernels on weights converted a block at a time. Which is fastest differs
+between CPUs of the same family and between row counts (one decode row, a short prompt, a long prompt), so:
+
+- `measure()` times every available engine per dtype and row class on one weight larger than the caches
+  (a few seconds), checks each result against an fp64 product (a fast wrong engine is never chosen), and
+  `table()` caches the timings per CPU model + flags + torch/numpy version in `impl.assets.cache_dir()/engines/`.
+- `choose(timings, dtype, row_class, layout)` is the pure choice: the fastest correct engine for that weight
+  layout, never one that needs a second copy of the weights (memory wins over speed: 8B bf16 stays in 17 GB).
+- `generation_layout` says whether a process that only generates should hold packed weights instead of plain
+  ones (a process that checks against goldens holds the plain layout, which the reference forward reads).
+- `LLAMA3_GOLDEN_ENGINE=<name>` pins one engine (where it supports the dtype; torch elsewhere): what tests do.
+
+`python -m impl engines` prints the table and the choices.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from impl.errors import Llama3GoldenError
+
+ENV = "LLAMA3_GOLDEN_ENGINE"
+ROW_CLASSES = ("decode", "short", "long")
+ROWS = {"decode": 1, "short": 17, "long": 128}  # what each class is measured at
+LONG_FROM = 128  # rows: a prompt from here on is "long"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PLAIN, PACKED = "plain", "packed"
+# The measured weight: (out, in) = (8192, 2048), 64 MB in fp32 / 32 MB in bf16, beyond L2 and most L3s, as real
+# weights are. The long class at 128 rows is 4.3 GFLOP: the whole table takes a few seconds.
+MEASURE_SHAPE = (8192, 2048)
+TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}  # ||out - exact|| / ||exact||: bf16 rounds the output to 8 bits
+_BLOCK_ELEMENTS = 1 << 22  # bf16-via-fp32: 16 MB of fp32 weight per block
+
+
+class EngineError(Llama3GoldenError):
+    """LLAMA3_GOLDEN_ENGINE names no engine."""
+
+
+# ================================================================ the engines
+def matmul_torch(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """torch's default: MKL (fp32) or oneDNN (bf16), the weight repacked inside every call."""
+    return x @ w.T
+
+
+def matmul_numpy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """numpy's BLAS (OpenBLAS in the wheels) on the same memory: no copy of the weight."""
+    return torch.from_numpy(x.numpy() @ w.numpy().T)
+
+
+def matmul_bf16_via_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T for bf16 through fp32 kernels, converting the weight a block of rows at a time: never a whole fp32
+    copy, one rounding to bf16 at the end as in a bf16 matmul. For CPUs whose bf16 kernels are slow (no AMX)."""
+    xf, out = x.float(), torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
+    rows = max(1, _BLOCK_ELEMENTS // w.shape[1])
+    for start in range(0, w.shape[0], rows):
+        out[:, start:start + rows] = xf @ w[start:start + rows].float().T
+    return out
+
+
+def matmul_fp32_copy(x: torch.Tensor, w32: torch.Tensor) -> torch.Tensor:
+    """bf16 activations against an fp32 copy of a bf16 weight: measured to show what it would give, never chosen
+    (the copy doubles the weights' memory)."""
+    return (x.float() @ w32.T).to(x.dtype)
+
+
+def pack_onednn(w: torch.Tensor) -> torch.Tensor:
+    """The weight reordered once into oneDNN's blocked layout (an opaque mkldnn tensor: only this engine reads it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w)
+
+
+def matmul_onednn_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    dtypes: tuple[str, ...]
+    layout: str  # PLAIN: reads the loaded weights; PACKED: needs `prepare(w)`'s result instead of them
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (rows, in), prepared w) -> (rows, out)
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None  # plain weight -> what matmul reads
+    second_copy: bool = False  # needs a second copy of the weights beside the plain ones: never chosen
+    what: str = ""
+
+
+ENGINES = {e.name: e for e in (
+    Engine("torch", ("fp32", "bf16"), PLAIN, matmul_torch, what="torch's default (x @ w.T)"),
+    Engine("numpy", ("fp32",), PLAIN, matmul_numpy, what="numpy's BLAS on the same memory"),
+    Engine("bf16-via-fp32", ("bf16",), PLAIN, matmul_bf16_via_fp32,
+           what="fp32 kernels, the bf16 weight converted 16 MB at a time"),
+    Engine("onednn-packed", ("fp32", "bf16"), PACKED, matmul_onednn_packed, pack_onednn,
+           what="oneDNN, the weight packed once (replaces the plain weight)"),
+    Engine("bf16-fp32-copy", ("bf16",), PLAIN, matmul_fp32_copy, lambda w: w.float(), second_copy=True,
+           what="fp32 kernels on an fp32 copy of the weights (a second copy: never chosen)"),
+)}
+
+
+def row_class(rows: int) -> str:
+    return "decode" if rows == 1 else "short" if rows < LONG_FROM else "long"
+
+
+# ================================================================ the choice (pure: tests inject timing tables)
+Timings = dict[str, dict[str, dict[str, float | None]]]  # dtype -> row class -> engine -> seconds (None: failed)
+
+
+def choose(timings: Timings, dtype: str, rclass: str, layout: str = PLAIN) -> str:
+    """The fastest correct engine for weights in `layout`, among those needing no second copy; torch if none."""
+    times = timings.get(dtype, {}).get(rclass, {})
+    usable = {n: t for n, t in times.items() if t is not None and n in ENGINES and ENGINES[n].layout == layout
+              and dtype in ENGINES[n].dtypes and not ENGINES[n].second_copy}
+    if usable:
+        return min(usable, key=usable.get)
+    if layout == PACKED:
+        raise EngineError(f"no packed engine works for {dtype} on this machine")
+    return "torch"
+
+
+GENERATION_DECODE_STEPS = 32  # a nominal generation: one short and one long prompt, 32 decode steps each
+
+
+def generation_layout(timings: Timings, dtype: str) -> str:
+    """PACKED where packed weights make a nominal generation faster than the best plain engines, else PLAIN."""
+    def total(layout: str) -> float | None:
+        try:
+            t = [timings[dtype][c][choose(timings, dtype, c, layout)] for c in ROW_CLASSES]
+        except (KeyError, EngineError):
+            return None
+        return None if None in t else GENERATION_DECODE_STEPS * t[0] + t[1] + t[2]
+
+    plain, packed = total(PLAIN), total(PACKED)
+    return PACKED if packed is not None and plain is not None and packed < plain else PLAIN
+
+
+def pinned() -> str | None:
+    """LLAMA3_GOLDEN_ENGINE, checked: None when unset."""
+    name = os.environ.get(ENV) or None
+    if name is not None and name not in ENGINES:
+        raise EngineError(f"{ENV}={name!r}: no such engine; known: {', '.join(ENGINES)}")
+    if name is not None and ENGINES[name].second_copy:
+        raise EngineError(f"{ENV}={name!r} needs a second copy of the weights; pin another engine")
+    return name
+
+
+def engine_for(dtype: str, rows: int, layout: str = PLAIN) -> Engine:
+    """The engine the fast forward uses for `rows` rows of `dtype` on weights in `layout`."""
+    name = pinned()
+    if name is not None:
+        e = ENGINES[name]
+        if layout == PACKED:  # packed weights can only be read by the packing engine
+            return e if e.layout == PACKED else ENGINES["onednn-packed"]
+        return e if e.layout == PLAIN and dtype in e.dtypes else ENGINES["torch"]
+    return ENGINES[choose(table()["timings"], dtype, row_class(rows), layout)]
+
+
+def layout_for_generation(dtype: str) -> str:
+    name = pinned()
+    if name is not None:
+        return ENGINES[name].layout
+    return generation_layout(table()["timings"], dtype)
+
+
+# ================================================================ measuring, and the cache
+def identity() -> dict[str, str]:
+    """What the timings depend on: the CPU's model and flags, torch's and numpy's versions."""
+    fields: dict[str, str] = {}
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, sep, v = line.partition(":")
+                if sep and k.strip() in ("model name", "flags", "Features") and k.strip() not in fields:
+                    fields[k.strip()] = v.strip()
+    import numpy
+
+    return {"cpu_model": fields.get("model name", platform.processor() or platform.machine()),
+            "cpu_flags": fields.get("flags", fields.get("Features", "")), "cores": str(os.cpu_count()),
+            "threads": str(torch.get_num_threads()), "torch": torch.__version__, "numpy": numpy.__version__}
+
+
+def cache_file(ident: dict[str, str] | None = None) -> Path:
+    from impl.assets import cache_dir
+
+    ident = ident or identity()
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "engines" / f"{digest}.json"
+
+
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm: first-call set-up is not the steady state
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((out.double() - exact).norm() / exact.norm())
+
+
+def measure(shape: tuple[int, int] = MEASURE_SHAPE, repeats: int = 3) -> Timings:
+    """Seconds per product for every engine, dtype and row class (min of `repeats`); None where an engine fails
+    or returns a wrong result."""
+    g = torch.Generator().manual_seed(0)
+    w32 = torch.randn(shape, generator=g) * 0.02
+    out: Timings = {}
+    with torch.inference_mode():
+        for dtype, tdtype in DTYPES.items():
+            w = w32.to(tdtype)
+            prepared = {}
+            for e in ENGINES.values():
+                if dtype in e.dtypes:
+                    try:
+                        prepared[e.name] = e.prepare(w) if e.prepare else w
+                    except RuntimeError:  # e.g. oneDNN cannot pack bf16 without avx512bw / avx_ne_convert
+                        prepared[e.name] = None
+            for rclass, rows in ROWS.items():
+                x = torch.randn(rows, shape[1], generator=g).to(tdtype)
+                exact = x.double() @ w.double().T
+                out.setdefault(dtype, {})[rclass] = row = {}
+                for name, pw in prepared.items():
+                    row[name] = None
+                    if pw is None:
+                        continue
+                    fn = functools.partial(ENGINES[name].matmul, x, pw)
+                    try:
+                        ok = relative_error(fn(), exact) < TOLERANCE[dtype]
+                    except RuntimeError:
+                        ok = False
+                    if ok:
+                        row[name] = _time(fn, repeats)
+            del prepared
+    return out
+
+
+def _valid(data: object, ident: dict[str, str]) -> bool:
+    if not isinstance(data, dict) or data.get("identity") != ident or not isinstance(data.get("timings"), dict):
+        return False
+    t = data["timings"]
+    return all(isinstance(t.get(d), dict) and all(isinstance(t[d].get(c), dict) for c in ROW_CLASSES) for d in DTYPES)
+
+
+@functools.cache
+def table(remeasure: bool = False) -> dict:
+    """{"identity", "timings", "measured_at", "file"}: from the cache, or measured now and cached."""
+    ident, path = identity(), cache_file()
+    if not remeasure and path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            data = None
+        if _valid(data, ident):
+            return {**data, "file": str(path)}
+    data = {"identity": ident, "timings": measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:  # a cache that cannot be written costs the measurement next time, nothing else
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return {**data, "file": str(path)}
+
+
+def describe(data: dict) -> str:
+    """The table `python -m impl engines` prints: GFLOP/s per engine, the choice per dtype and row class."""
+    ident, timings = data["identity"], data["timings"]
+    n, k = MEASURE_SHAPE
+    lines = [f"CPU: {ident['cpu_model']}, {ident['cores']} cores, {ident['threads']} threads; "
+             f"torch {ident['torch']}, numpy {ident['numpy']}",
+             f"flags: {ident['cpu_flags']}",
+             f"measured {data.get('measured_at', '?')}, cached in {data.get('file', '?')}",
+             f"GFLOP/s of (rows, {k}) @ ({k}, {n}), the fastest of 3; '-' = unavailable or wrong here", ""]
+    names = list(ENGINES)
+    lines.append(f"{'dtype':5} {'rows':>12} " + " ".join(f"{name:>15}" for name in names) + "  chosen (plain)")
+    for dtype in DTYPES:
+        for rclass in ROW_CLASSES:
+            rows, times = ROWS[rclass], timings[dtype][rclass]
+            cells = [f"{2 * rows * n * k / times[name] / 1e9:15.1f}" if times.get(name) else f"{'-':>15}"
+                     for name in names]
+            lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
+                         + f"  {choose(timings, dtype, rclass)}")
+        lines.append(f"{dtype}: a generate-only process holds {generation_layout(timings, dtype)} weights")
+    return "\n".join(lines)
