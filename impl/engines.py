@@ -212,9 +212,10 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float((out.double() - exact).norm() / exact.norm())
 
 
-def measure(shape: tuple[int, int] = MEASURE_SHAPE, repeats: int = 3) -> Timings:
+def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
     """Seconds per product for every engine, dtype and row class (min of `repeats`); None where an engine fails
-    or returns a wrong result."""
+    or returns a wrong result. shape: the weight's (out, in), MEASURE_SHAPE by default."""
+    shape = shape or MEASURE_SHAPE
     g = torch.Generator().manual_seed(0)
     w32 = torch.randn(shape, generator=g) * 0.02
     out: Timings = {}
@@ -265,7 +266,8 @@ def table(remeasure: bool = False) -> dict:
             data = None
         if _valid(data, ident):
             return {**data, "file": str(path)}
-    data = {"identity": ident, "timings": measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    data = {"identity": ident, "timings": measure(), "shape": list(MEASURE_SHAPE),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:  # a cache that cannot be written costs the measurement next time, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -279,7 +281,7 @@ def table(remeasure: bool = False) -> dict:
 def describe(data: dict) -> str:
     """The table `python -m impl engines` prints: GFLOP/s per engine, the choice per dtype and row class."""
     ident, timings = data["identity"], data["timings"]
-    n, k = MEASURE_SHAPE
+    n, k = data.get("shape", MEASURE_SHAPE)
     lines = [f"CPU: {ident['cpu_model']}, {ident['cores']} cores, {ident['threads']} threads; "
              f"torch {ident['torch']}, numpy {ident['numpy']}",
              f"flags: {ident['cpu_flags']}",

@@ -29,6 +29,26 @@ def test_generate_bf16_runs(capsys):
     assert code == 0 and out.startswith("The capital of France is Paris")
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_generate_runs_prepared_weights_packed(capsys, monkeypatch, dtype):
+    """generate runs the fast path on prepare_for_generation's weights: here packed (pinned), still Paris."""
+    from impl import engines, model
+
+    monkeypatch.setenv(engines.ENV, "onednn-packed")
+    layouts = []
+    prepare = model.prepare_for_generation
+
+    def spy(weights, config, layout=None):
+        out = prepare(weights, config, layout)
+        layouts.append(model.weights_layout(out))
+        return out
+
+    monkeypatch.setattr(model, "prepare_for_generation", spy)
+    code, out, _ = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "The capital of France is",
+                        "--max-new-tokens", "2", "--dtype", dtype)
+    assert code == 0 and out.startswith("The capital of France is Paris") and layouts == [engines.PACKED]
+
+
 def test_generate_dtype_choices_are_the_layout_dtypes():
     assert sorted(cli.DTYPE_NAMES) == sorted(DTYPES)
 

@@ -1,0 +1,148 @@
+"""impl.engines: the GEMM engine chosen from a timing table (injected here: no test machine has every CPU),
+pinned by LLAMA3_GOLDEN_ENGINE, measured and cached per CPU identity, shown by `python -m impl engines`."""
+
+import json
+
+import pytest
+
+from impl import cli, engines
+
+
+def table(**overrides):
+    """A timing table where torch takes 1 s everywhere, plus the given (dtype, class, engine) -> seconds."""
+    t = {d: {c: {"torch": 1.0} for c in engines.ROW_CLASSES} for d in engines.DTYPES}
+    for key, seconds in overrides.items():
+        dtype, rclass, name = key.split("__")
+        t[dtype][rclass][name.replace("_", "-")] = seconds
+    return t
+
+
+@pytest.mark.parametrize(("timings", "dtype", "rclass", "want"), [
+    (table(fp32__short__onednn_packed=0.3, fp32__short__numpy=0.5), "fp32", "short", "numpy"),  # packed: not plain
+    (table(fp32__long__numpy=0.5), "fp32", "long", "numpy"),
+    (table(fp32__long__numpy=1.5), "fp32", "long", "torch"),
+    (table(bf16__long__bf16_via_fp32=0.4), "bf16", "long", "bf16-via-fp32"),
+    (table(bf16__long__bf16_via_fp32=0.4), "bf16", "decode", "torch"),  # per row class
+    (table(bf16__decode__bf16_fp32_copy=0.1), "bf16", "decode", "torch"),  # a second copy: never
+    (table(bf16__long__bf16_via_fp32=None), "bf16", "long", "torch"),  # failed or wrong: never
+    (table(fp32__long__bf16_via_fp32=0.1), "fp32", "long", "torch"),  # no fp32 kernel: ignored
+], ids=["packed-not-plain", "numpy-faster", "numpy-slower", "via-fp32-long", "per-row-class", "no-second-copy",
+        "failed-engine", "wrong-dtype"])
+def test_choose_fastest_usable_engine(timings, dtype, rclass, want):
+    assert engines.choose(timings, dtype, rclass) == want
+
+
+def test_choose_packed_layout_only_packed_engines():
+    t = table(fp32__decode__onednn_packed=2.0)
+    assert engines.choose(t, "fp32", "decode", engines.PACKED) == "onednn-packed"
+    with pytest.raises(engines.EngineError, match="no packed engine"):
+        engines.choose(t, "fp32", "short", engines.PACKED)
+
+
+@pytest.mark.parametrize(("packed", "want"), [
+    ((0.5, 0.5, 0.5), engines.PACKED),  # faster everywhere
+    ((2.0, 0.1, 0.1), engines.PLAIN),  # slower at decode, which a generation repeats
+    ((0.9, 5.0, 5.0), engines.PLAIN),  # faster decode does not pay for much slower prompts
+    ((None, 0.5, 0.5), engines.PLAIN),  # cannot decode
+], ids=["faster", "slow-decode", "slow-prompts", "broken"])
+def test_generation_layout_weighs_a_nominal_generation(packed, want):
+    t = table()
+    for rclass, seconds in zip(engines.ROW_CLASSES, packed, strict=True):
+        t["bf16"][rclass]["onednn-packed"] = seconds
+    assert engines.generation_layout(t, "bf16") == want
+
+
+@pytest.mark.parametrize(("rows", "rclass"), [(1, "decode"), (2, "short"), (127, "short"), (128, "long")])
+def test_row_class_boundaries(rows, rclass):
+    assert engines.row_class(rows) == rclass
+
+
+def test_engine_for_follows_the_measured_table(monkeypatch):
+    monkeypatch.delenv(engines.ENV, raising=False)
+    monkeypatch.setattr(engines, "table", lambda: {"timings": table(fp32__long__numpy=0.5)})
+    assert engines.engine_for("fp32", 512).name == "numpy"
+    assert engines.engine_for("fp32", 1).name == "torch"
+
+
+@pytest.mark.parametrize(("pin", "dtype", "layout", "want"), [
+    ("numpy", "fp32", engines.PLAIN, "numpy"),
+    ("numpy", "bf16", engines.PLAIN, "torch"),  # no bf16 kernel: torch there
+    ("onednn-packed", "fp32", engines.PLAIN, "torch"),  # plain weights cannot be read by a packed engine
+    ("torch", "bf16", engines.PACKED, "onednn-packed"),  # packed weights only by it
+], ids=["numpy-fp32", "numpy-bf16", "packed-pin-plain-weights", "torch-pin-packed-weights"])
+def test_engine_for_pinned(monkeypatch, pin, dtype, layout, want):
+    monkeypatch.setenv(engines.ENV, pin)
+    monkeypatch.setattr(engines, "table", lambda: pytest.fail("a pinned engine needs no measurement"))
+    assert engines.engine_for(dtype, 17, layout).name == want
+
+
+@pytest.mark.parametrize("pin", ["mkl", "bf16-fp32-copy"])
+def test_bad_pin_is_an_engine_error(monkeypatch, pin):
+    monkeypatch.setenv(engines.ENV, pin)
+    with pytest.raises(engines.EngineError, match=engines.ENV):
+        engines.engine_for("fp32", 1)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty asset cache, a small measured shape, and no table remembered from before."""
+    monkeypatch.setenv("LLAMA3_GOLDEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(engines, "MEASURE_SHAPE", (256, 64))
+    engines.table.cache_clear()
+    yield tmp_path
+    engines.table.cache_clear()
+
+
+def test_table_measured_once_then_read_from_the_cache(cache, monkeypatch):
+    first = engines.table()
+    assert first["file"].startswith(str(cache)) and first["identity"] == engines.identity()
+    assert first["timings"]["fp32"]["decode"]["torch"] > 0
+    engines.table.cache_clear()
+    monkeypatch.setattr(engines, "measure", lambda *a, **k: pytest.fail("measured again despite the cache"))
+    assert engines.table()["timings"] == first["timings"]
+
+
+def test_table_of_another_cpu_is_not_used(cache, monkeypatch):
+    path = engines.cache_file()
+    path.parent.mkdir(parents=True)
+    other = {**engines.identity(), "cpu_model": "another CPU"}
+    path.write_text(json.dumps({"identity": other, "timings": table(fp32__long__numpy=1e-9)}))
+    assert engines.table()["timings"]["fp32"]["long"].get("numpy") != 1e-9
+
+
+def test_table_corrupt_cache_is_measured_again(cache):
+    path = engines.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    assert engines.table()["timings"]["fp32"]["short"]["torch"] > 0
+    assert json.loads(path.read_text())["identity"] == engines.identity()
+
+
+def test_measure_rejects_a_wrong_engine(cache, monkeypatch):
+    wrong = engines.Engine("numpy", ("fp32",), engines.PLAIN, lambda x, w: (x @ w.T) * 1.01)
+    monkeypatch.setitem(engines.ENGINES, "numpy", wrong)
+    timings = engines.measure((256, 64), repeats=1)
+    assert all(timings["fp32"][c]["numpy"] is None for c in engines.ROW_CLASSES)
+    assert all(timings["fp32"][c]["torch"] > 0 for c in engines.ROW_CLASSES)
+
+
+def test_cli_engines_prints_the_cached_choice(cache, monkeypatch, capsys):
+    monkeypatch.delenv(engines.ENV, raising=False)
+    path = engines.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"identity": engines.identity(), "measured_at": "then",
+                                "timings": table(fp32__long__numpy=0.5, bf16__decode__onednn_packed=0.1,
+                                                 bf16__short__onednn_packed=0.1, bf16__long__onednn_packed=0.1)}))
+    assert cli.main(["engines"]) == 0
+    out = capsys.readouterr().out
+    long_fp32 = next(line for line in out.splitlines() if line.startswith("fp32") and "long" in line)
+    assert long_fp32.endswith("numpy") and engines.identity()["cpu_model"] in out
+    assert "bf16: a generate-only process holds packed weights" in out
+    assert "fp32: a generate-only process holds plain weights" in out
+
+
+def test_cli_engines_bad_pin_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv(engines.ENV, "fastest")
+    assert cli.main(["engines"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "fastest" in err
