@@ -2,8 +2,9 @@
 
 One layer of Llama-3-8B or SmolLM2-135M with random weights (std 0.02, never a checkpoint), an input of
 `seq` new tokens after `past` cached ones, and for each implementation a zero-argument callable that
-returns the block's output (seq, dim). The two roofs do the same FLOPs (`roof-mm`) or read the same bytes
-(`roof-bw`) as the block, and their times are what the roofline fraction divides by.
+returns the block's output (seq, dim): the attention block, the FFN, or the whole decoder layer. The roofs
+they are measured against are the machine's (benchmarks/roofs.py), not per-block `torch.mm` runs.
+Whole models (the `forward` and `generate` groups) are in benchmarks/models.py.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from impl.config import PRESETS, ModelConfig
 from impl.layout import DTYPES, interleaved_to_rotate_half, permute_qk
 
 MODELS = ("llama-3-8b", "smollm2-135m")
-ROOFS = ("roof-mm", "roof-bw")
 IMPLEMENTATIONS = {
-    "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa", *ROOFS),
-    "ffn": ("impl-fused", "impl", "walkthrough", "hf", *ROOFS),
+    "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa"),
+    "ffn": ("impl-fused", "impl", "walkthrough", "hf"),
+    # the whole decoder layer: impl's block on fused weights (a checking process's layout) and on
+    # prepare_for_generation's (what `impl generate` holds: packed where that is faster here) vs LlamaDecoderLayer
+    "layer": ("impl-fused", "impl-generate", "hf-eager", "hf-sdpa"),
 }
-REFERENCE = {"attention": "hf-eager", "ffn": "hf"}  # what every implementation is checked against
+REFERENCE = {"attention": "hf-eager", "ffn": "hf", "layer": "hf-eager"}  # what every implementation is checked against
 # Relative error ||out - ref|| / ||ref|| allowed against the transformers result in the same dtype.
 # bf16 rounds every matmul output to 8 bits of mantissa (2^-8 = 0.4%), in a different order per implementation.
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}
@@ -59,6 +62,8 @@ SHAPES = tuple(Shape(m, s, p) for m in MODELS for s, p in ((17, 0), (128, 0), (5
 def flops(op: str, shape: Shape) -> int:
     """Useful FLOPs (2 per multiply-add): the projections, and attention over the causal pairs only."""
     c, s = shape.config, shape.seq
+    if op == "layer":
+        return flops("attention", shape) + flops("ffn", shape)
     if op == "ffn":
         return 2 * s * c.dim * c.hidden_dim * 3
     projections = 2 * s * c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)  # q, k, v, o
@@ -67,6 +72,8 @@ def flops(op: str, shape: Shape) -> int:
 
 
 def weight_count(op: str, config: ModelConfig) -> int:
+    if op == "layer":
+        return weight_count("attention", config) + weight_count("ffn", config) + 2 * config.dim
     if op == "ffn":
         return 3 * config.dim * config.hidden_dim
     return config.dim * config.head_dim * (2 * config.n_heads + 2 * config.n_kv_heads)
@@ -75,7 +82,7 @@ def weight_count(op: str, config: ModelConfig) -> int:
 def bytes_moved(op: str, shape: Shape, dtype: torch.dtype) -> int:
     """The least memory traffic: every weight once, the input and output once, the cached keys and values once."""
     c, size = shape.config, dtype.itemsize
-    cached = 2 * shape.past * c.n_kv_heads * c.head_dim if op == "attention" else 0
+    cached = 2 * shape.past * c.n_kv_heads * c.head_dim if op in ("attention", "layer") else 0
     return size * (weight_count(op, c) + 2 * shape.seq * c.dim + cached)
 
 
@@ -95,7 +102,10 @@ def layer_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
               "attention.wv.weight": (kv, c.dim), "attention.wo.weight": (c.dim, q),
               "feed_forward.w1.weight": (c.hidden_dim, c.dim), "feed_forward.w2.weight": (c.dim, c.hidden_dim),
               "feed_forward.w3.weight": (c.hidden_dim, c.dim)}
-    return {f"layers.0.{name}": _normal(s, g) for name, s in shapes.items()}
+    w = {f"layers.0.{name}": _normal(s, g) for name, s in shapes.items()}
+    for norm in ("attention_norm", "ffn_norm"):  # the whole-layer group's: near 1, as trained norms are
+        w[f"layers.0.{norm}.weight"] = 1 + _normal((c.dim,), g, 0.1)
+    return w
 
 
 @dataclass
@@ -125,18 +135,28 @@ def fused_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
     return model.fuse_weights(layer_weights(model_name, dtype_name), PRESETS[model_name].replace(n_layers=1))
 
 
-def _impl(op: str, shape: Shape, dtype_name: str, fused: bool = False) -> Callable[[], torch.Tensor]:
+@functools.cache
+def generation_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
+    """impl's weights as `impl generate` holds them (prepare_for_generation: fused, packed where faster here)."""
+    return model.prepare_for_generation(dict(layer_weights(model_name, dtype_name)),
+                                        PRESETS[model_name].replace(n_layers=1))
+
+
+def _impl(op: str, shape: Shape, dtype_name: str, prepared: str = "plain") -> Callable[[], torch.Tensor]:
     """impl's fast forward, one block of it: its engines chosen from the weights once, as forward_fast does."""
     c, inp = shape.config, inputs(shape, dtype_name)
-    w = (fused_weights if fused else layer_weights)(shape.model, dtype_name)
-    engines = model.choose_engines(w)  # stacked matrices for impl-fused, one per matrix for impl
+    w = {"plain": layer_weights, "fused": fused_weights, "generate": generation_weights}[prepared](
+        shape.model, dtype_name)
+    engines = model.choose_engines(w, shape.seq)  # stacked or not, and the GEMM engine measured fastest here
     if op == "ffn":
-        return lambda: engines.feed_forward(inp.x, w, 0)
+        return lambda: engines.feed_forward(inp.x, w, 0, engines.matmul)
     freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
     cache = None
     if shape.past:
         cache = model.KVCache.empty(c, shape.kv_len, DTYPES[dtype_name])
         cache.update(0, 0, inp.past_k, inp.past_v)
+    if op == "layer":
+        return lambda: model.transformer_block_fast(inp.x, w, 0, c, freqs_cis, shape.past, cache, engines)
     return lambda: model.attention_fast(inp.x, w, 0, c, freqs_cis, shape.past, cache, engines)
 
 
@@ -171,8 +191,24 @@ class _StaticKV:
         return self.k, self.v
 
 
+def hf_layer_state_dict(w: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """One layer's weights (unprefixed Meta names) under LlamaDecoderLayer's names, q/k in its rotate-half order."""
+    return {"self_attn.q_proj.weight": permute_qk(w["attention.wq.weight"], config.n_heads),
+            "self_attn.k_proj.weight": permute_qk(w["attention.wk.weight"], config.n_kv_heads),
+            "self_attn.v_proj.weight": w["attention.wv.weight"], "self_attn.o_proj.weight": w["attention.wo.weight"],
+            "mlp.gate_proj.weight": w["feed_forward.w1.weight"], "mlp.up_proj.weight": w["feed_forward.w3.weight"],
+            "mlp.down_proj.weight": w["feed_forward.w2.weight"],
+            "input_layernorm.weight": w["attention_norm.weight"],
+            "post_attention_layernorm.weight": w["ffn_norm.weight"]}
+
+
 def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable[[], torch.Tensor]:
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRotaryEmbedding
+    from transformers.models.llama.modeling_llama import (
+        LlamaAttention,
+        LlamaDecoderLayer,
+        LlamaMLP,
+        LlamaRotaryEmbedding,
+    )
 
     c, w, inp = shape.config, _unprefixed(layer_weights(shape.model, dtype_name)), inputs(shape, dtype_name)
     hf_cfg = hf_config(c, attn)
@@ -185,12 +221,12 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
                              "down_proj.weight": w["feed_forward.w2.weight"]}, assign=True)
         mlp.requires_grad_(False)
         return lambda: mlp(x)[0]
+    sd = hf_layer_state_dict(w, c)
     with torch.device("meta"):
-        module = LlamaAttention(hf_cfg, layer_idx=0)
-    module.load_state_dict({"q_proj.weight": permute_qk(w["attention.wq.weight"], c.n_heads),
-                            "k_proj.weight": permute_qk(w["attention.wk.weight"], c.n_kv_heads),
-                            "v_proj.weight": w["attention.wv.weight"], "o_proj.weight": w["attention.wo.weight"]},
-                           assign=True)
+        module = LlamaDecoderLayer(hf_cfg, layer_idx=0) if op == "layer" else LlamaAttention(hf_cfg, layer_idx=0)
+    if op != "layer":
+        sd = {k.removeprefix("self_attn."): v for k, v in sd.items() if k.startswith("self_attn.")}
+    module.load_state_dict(sd, assign=True)
     module.requires_grad_(False)
     positions = torch.arange(shape.past, shape.kv_len)[None]
     cos_sin = LlamaRotaryEmbedding(hf_cfg)(x, positions)
@@ -208,50 +244,25 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
         cache = _StaticKV(k, v, shape.past)
     # transformers >= 5.2x names the argument `cache`; earlier 5.x (the newest on Python 3.10) `past_key_values`.
     cache_kw = "cache" if "cache" in inspect.signature(LlamaAttention.forward).parameters else "past_key_values"
+    if op == "layer":  # LlamaDecoderLayer returns the hidden states (a tuple in some 4.x/5.x versions)
+        def run_layer() -> torch.Tensor:
+            out = module(x, position_embeddings=cos_sin, attention_mask=mask, **{cache_kw: cache})
+            return (out[0] if isinstance(out, tuple) else out)[0]
+
+        return run_layer
     return lambda: module(x, position_embeddings=cos_sin, attention_mask=mask, **{cache_kw: cache})[0][0]
-
-
-# The compute roof multiplies (rows, K) @ (K, K) with K = 512: the weight stays in L2 and the product runs near
-# the machine's peak. Chunks of at most 1024 rows, repeated until the FLOPs match the block's.
-ROOF_K, ROOF_ROWS = 512, 1024
-
-
-def _roof_mm(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
-    dtype = DTYPES[dtype_name]
-    rows = max(1, round(flops(op, shape) / (2 * ROOF_K * ROOF_K)))
-    full, rest = divmod(rows, ROOF_ROWS)
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn((min(rows, ROOF_ROWS), ROOF_K), generator=g).to(dtype)
-    b = torch.randn((ROOF_K, ROOF_K), generator=g).to(dtype)
-    out = torch.empty((a.shape[0], ROOF_K), dtype=dtype)
-
-    def run() -> torch.Tensor:
-        for _ in range(full):
-            torch.mm(a, b, out=out)
-        if rest:
-            torch.mm(a[:rest], b, out=out[:rest])
-        return out
-
-    return run
-
-
-def _roof_bw(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
-    # A sum over fp32 whatever the block's dtype: the fastest plain read torch has (bf16 sums convert first).
-    buf = torch.randn(bytes_moved(op, shape, DTYPES[dtype_name]) // 4, generator=torch.Generator().manual_seed(3))
-    return buf.sum
 
 
 def implementation(op: str, name: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
     """A zero-argument callable running `name` on this shape and dtype, ready to time (set-up already done)."""
     build = {
         "impl": _impl,
-        "impl-fused": functools.partial(_impl, fused=True),
+        "impl-fused": functools.partial(_impl, prepared="fused"),
+        "impl-generate": functools.partial(_impl, prepared="generate"),
         "walkthrough": _walkthrough,
         "hf": _hf,
         "hf-eager": functools.partial(_hf, attn="eager"),
         "hf-sdpa": functools.partial(_hf, attn="sdpa"),
-        "roof-mm": _roof_mm,
-        "roof-bw": _roof_bw,
     }[name]
     fn = build(op, shape, dtype_name)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from benchmarks import report
 
 SHAPE_ORDER = ("prefill-17", "prefill-128", "prefill-512", "decode-512")
-COLOURS = {"impl-fused": "#08306b", "impl": "#6baed6", "walkthrough": "#7f7f7f", "hf": "#ff7f0e", "hf-eager": "#ff7f0e",
-           "hf-sdpa": "#d62728"}
+COLOURS = {"impl-fused": "#08306b", "impl-generate": "#2171b5", "impl": "#6baed6", "user": "#31a354",
+           "walkthrough": "#7f7f7f", "hf": "#ff7f0e", "hf-eager": "#ff7f0e", "hf-sdpa": "#d62728"}
 
 
 def _load(paths: list[Path]) -> dict:
@@ -35,56 +35,86 @@ def _load(paths: list[Path]) -> dict:
     known = [share for share in shares if share is not None]
     data["machine_info"].setdefault("torch", {})["other_processes_cpu_share"] = min(known) if known else None
     data["runs"] = len(runs)
-    report.annotate(data["benchmarks"])  # again: the roofs and ratios of the merged times
+    report.annotate(data["benchmarks"], data["machine_info"])  # again: the ratios of the merged times
     return data
 
 
 def _machine(data: dict) -> str:
     t = data["machine_info"].get("torch", {})
+    load = t.get("load_average")
     return (f"{t.get('cpu_model', '?')}, {t.get('cores', '?')} cores ({t.get('cpu_capability', '?')}, "
             f"AVX512-BF16 {'yes' if t.get('avx512_bf16') else 'no'}, AMX {'yes' if t.get('amx_bf16') else 'no'}), "
             f"torch {t.get('version', '?')}, {t.get('threads', '?')} threads; other processes took "
             + ("an unknown share" if (share := t.get("other_processes_cpu_share")) is None else f"{100 * share:.0f}%")
-            + " of the CPU during the (quietest) run")
+            + " of the CPU during the (quietest) run"
+            + (f", load average {load[0]:.1f} at its end" if load else ""))
 
 
-HOT = "impl-fused"  # the implementation the targets are about: impl with its prepared (fused) weights
+def roofs_markdown(info: dict) -> list[str]:
+    """The roofs table: the engine that set each, every engine's rate, the theoretical peak, the CPU's flags."""
+    roofs = info.get("roofs")
+    if not roofs:
+        return ["No roofs in this JSON (a run from before issue 14)."]
+    lines = [f"CPU: {roofs['cpu_model']}, {roofs['threads']} threads. Flags: `{roofs['cpu_flags']}`", "",
+             "| roof | measured | set by | every engine | theoretical |", "|---|---|---|---|---|"]
+    theo = roofs.get("theoretical") or {}
+    rows, k, n = roofs["shape"]
+    for dtype in ("fp32", "bf16"):
+        r = roofs[dtype]
+        every = ", ".join(f"{name} {v:.0f}" for name, v in sorted(r["engines"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"| {dtype} GEMM ({rows}x{k} @ {k}x{n}) | {r['gflops']:.1f} GFLOP/s | {r['engine']} | {every} | "
+                     + (f"{theo[dtype]:.0f} GFLOP/s" if dtype in theo else "not readable") + " |")
+    bw = roofs["bandwidth"]
+    lines.append(f"| read bandwidth ({bw['buffer_bytes'] / 1e6:.0f} MB, 4x the {bw['last_level_cache_bytes'] / 1e6:.0f}"
+                 f" MB last-level cache) | {bw['gbytes_per_s']:.1f} GB/s | {bw['how']} | | |")
+    if theo:
+        lines += ["", f"Theoretical: {theo['how']}."]
+    return lines
 
 
 def markdown(data: dict) -> str:
     benchmarks = data["benchmarks"]
     lines = [f"Machine: {_machine(data)}. Run {data.get('datetime', '')[:16]}. Times: the fastest round"
              + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
+    lines += roofs_markdown(data["machine_info"]) + [""]
     names = [n for n in COLOURS if any(b["extra_info"]["implementation"] == n for b in benchmarks)]
     lines += ["| block | model | shape | dtype | " + " | ".join(names) + " | roof (bound) | "
-              f"{HOT} % of roof | {HOT} vs best hf | {HOT} bf16/fp32 |",
+              "hot % of roof | hot vs best hf | hot bf16/fp32 |",
               "|" + "---|" * (8 + len(names)), ]
     groups = report.by_group(benchmarks)
+    nan = float("nan")
     for group in sorted(groups, key=_group_order):
         rows = {(b["extra_info"]["implementation"], b["extra_info"]["dtype"]): b["extra_info"] for b in groups[group]}
         for dtype in ("fp32", "bf16"):
-            hot = rows.get((HOT, dtype))
+            hot = rows.get((report.HOT.get(group.split()[0]), dtype))
             if hot is None:
                 continue
-            cells = [f"{rows[n, dtype]['gflops']:.1f}" if (n, dtype) in rows else "" for n in names]
-            roof = hot["gflops"] / hot["roofline_fraction"] if "roofline_fraction" in hot else float("nan")
-            nan = float("nan")
+            unit = "tokens_per_s" if hot["op"] == "generate" else "gflops"
+            cells = [f"{rows[n, dtype][unit]:.1f}" if (n, dtype) in rows else "" for n in names]
+            roof = hot["gflops"] / hot["roofline_fraction"] if "roofline_fraction" in hot else nan
+            frac = f"{100 * hot['roofline_fraction']:.0f}%" if "roofline_fraction" in hot else ""
             lines.append(f"| {hot['op']} | {hot['model']} | {hot['shape']} | {dtype} | " + " | ".join(cells)
-                         + f" | {roof:.1f} ({hot.get('bound', '?')}) | {100 * hot.get('roofline_fraction', 0):.0f}%"
+                         + f" | {roof:.1f} ({hot.get('bound', '-')}) | {frac}"
                          + f" | {hot.get('vs_best_hf', nan):.2f}x | {hot.get('bf16_speedup', nan):.2f}x |")
-    lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only). Roof: the block's FLOPs at the "
-              "measured torch.mm rate, or its bytes at the measured read rate, whichever takes longer.", ""]
+    lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only), tokens/s for `generate`. Hot: "
+              "impl-fused for blocks and layers, impl for whole models. Roof: the block's FLOPs at the machine's "
+              "best GEMM rate, or its bytes at the read rate, whichever takes longer.", ""]
+    found = report.targets(benchmarks, data["machine_info"])
     lines += ["| target | where | measured | goal | |", "|---|---|---|---|---|"]
-    for t in report.targets(benchmarks, HOT):
+    for t in found:
         lines.append(f"| {t.what} | {t.where} | {t.value:.2f} | {t.goal:.2f} | {'met' if t.met else 'MISSED'} |")
-    met = sum(t.met for t in report.targets(benchmarks, HOT))
-    lines.append(f"\n{met} of {len(report.targets(benchmarks, HOT))} target checks met.")
+    lines.append(f"\n{sum(t.met for t in found)} of {len(found)} target checks met "
+                 f"(a ratio >= {report.TIE} of its goal counts as a tie for the vs-transformers goals).")
+    violations = report.roof_violations(benchmarks)
+    if violations:
+        lines += ["", "ROOF EXCEEDED (the roof measurement is wrong; this run fails):"] + [f"- {v}" for v in violations]
     return "\n".join(lines) + "\n"
 
 
 def _group_order(group: str) -> tuple:
     op, model, shape = group.split()
-    return (op, model, SHAPE_ORDER.index(shape) if shape in SHAPE_ORDER else 99)
+    ops = ("attention", "ffn", "layer", "forward", "generate")
+    return (ops.index(op) if op in ops else 9, model, SHAPE_ORDER.index(shape) if shape in SHAPE_ORDER else 99)
 
 
 def chart(data: dict, png: Path) -> None:
@@ -93,7 +123,7 @@ def chart(data: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benchmarks = data["benchmarks"]
+    benchmarks = [b for b in data["benchmarks"] if b["extra_info"]["op"] != "generate"]  # tokens/s: in the table
     panels = sorted({(b["extra_info"]["op"], b["extra_info"]["model"]) for b in benchmarks})
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
     for ax, (op, model_name) in zip(axes[:, 0], panels, strict=True):
@@ -101,6 +131,7 @@ def chart(data: dict, png: Path) -> None:
                 if (b["extra_info"]["op"], b["extra_info"]["model"]) == (op, model_name)]
         names = [n for n in COLOURS if any(r["implementation"] == n for r in rows)]
         shapes = [s for s in SHAPE_ORDER if any(r["shape"] == s for r in rows)]
+        names = [n for n in names if any(r["implementation"] == n and "gflops" in r for r in rows)]
         width = 0.8 / (2 * len(names))
         for si, shape in enumerate(shapes):
             for di, dtype in enumerate(("fp32", "bf16")):
@@ -113,7 +144,8 @@ def chart(data: dict, png: Path) -> None:
                     ax.bar(x, r["gflops"], width, color=COLOURS[name], hatch="//" if dtype == "fp32" else None,
                            alpha=0.55 if dtype == "fp32" else 1.0, edgecolor="white", linewidth=0.3,
                            label=f"{name} {dtype}" if si == 0 else None)
-                impl = next((r for r in rows if (r["shape"], r["dtype"], r["implementation"]) == (shape, dtype, HOT)),
+                hot = report.HOT.get(op)
+                impl = next((r for r in rows if (r["shape"], r["dtype"], r["implementation"]) == (shape, dtype, hot)),
                             None)
                 if impl and "roofline_fraction" in impl:
                     roof = impl["gflops"] / impl["roofline_fraction"]
@@ -146,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.png:
         chart(data, args.png)
         print(f"wrote {args.png} ({args.png.stat().st_size // 1024} KB)")
+    violations = report.roof_violations(data["benchmarks"])
+    if violations:
+        print(f"error: {len(violations)} benchmark(s) beat the machine's roof, so a roof measurement is wrong: "
+              + "; ".join(violations), file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,9 +1,16 @@
-"""Benchmark hooks: derived numbers (GFLOP/s, roofline fraction, bf16/fp32 speedup) go into the saved JSON."""
+"""Benchmark hooks and fixtures: the machine's roofs and engines and the derived numbers go into the saved JSON.
+
+`--impl module:callable` (the project-wide option of the golden checks) puts the user's trace-protocol forward
+in the whole-model `forward` groups as `user`; without it, `user` is impl's reference forward.
+"""
 
 import os
 import resource
 
-from benchmarks import report
+import pytest
+
+from benchmarks import report, roofs
+from impl import engines
 
 
 def _cpu_jiffies() -> tuple[int, int]:
@@ -23,31 +30,38 @@ def _own_cpu_seconds() -> float:
 _START = (_cpu_jiffies(), _own_cpu_seconds())
 
 
+@pytest.fixture(scope="session")
+def user_forward(request):
+    """The `user` implementation of the forward groups: `--impl module:callable`, else impl.model.forward."""
+    from golden.check import load_callable
+
+    return load_callable(request.config.getoption("--impl"))
+
+
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    report.annotate(output_json["benchmarks"])
+    report.annotate(output_json["benchmarks"], output_json["machine_info"])
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     import torch
 
-    cpuinfo = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpuinfo = f.read()
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)  # the last CPU's
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    model = fields.get("model name", machine_info.get("cpu", {}).get("brand_raw", "unknown"))
-    flags = " " + fields.get("flags", "") + " "
+    ident = engines.identity()
+    flags = " " + ident["cpu_flags"] + " "
     machine_info["torch"] = {
         "version": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
-        "cpu_model": model,
+        "cpu_model": ident["cpu_model"],
+        "cpu_flags": ident["cpu_flags"],
         "cores": os.cpu_count(),
         "avx512_bf16": " avx512_bf16 " in flags,
         "amx_bf16": " amx_bf16 " in flags,
         "other_processes_cpu_share": _other_processes_cpu_share(),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    machine_info["roofs"] = roofs.measured()
+    machine_info["engines"] = engines.table()["timings"]
+    machine_info["engine_pinned"] = os.environ.get(engines.ENV)
 
 
 def _other_processes_cpu_share() -> float | None:

@@ -1,14 +1,17 @@
-"""The hot path timed: attention block and SwiGLU FFN, one layer, every implementation in one group per shape.
+"""The hot path timed: attention block, SwiGLU FFN and the whole decoder layer (one layer), a whole model's
+forward (the user's `--impl`, impl, transformers) and end-to-end generation, every implementation in one group.
 
-Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop,
-transformers and the two roofs, each in fp32 and bf16. Correctness is checked once, outside the timed call.
-The default test run executes each body once (--benchmark-disable) on the SmolLM2 shapes; the 8B shapes
-are `slow`. `tox -e bench` times everything; `python -m benchmarks.chart` turns the JSON into a table and PNG.
+Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
+transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
+run executes each body once (--benchmark-disable) on the small cases; the 8B shapes and the long whole-model
+prompts are `slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
+`python -m benchmarks.chart` turns the JSON into a table and PNG.
 """
 
 import pytest
+import torch
 
-from benchmarks import cases
+from benchmarks import cases, models, roofs
 from impl.layout import DTYPES
 
 
@@ -21,20 +24,32 @@ def _params(op: str):
                                    id=f"{shape.model}-{shape.label}-{name}-{dtype_name}")
 
 
+def _record(benchmark, fn, group: str, info: dict, estimated_seconds: float) -> None:
+    """Time fn (or run it once when benchmarks are disabled) under `group`, with what the report needs."""
+    benchmark.group = group
+    benchmark.extra_info.update(info)
+    if info.get("bytes"):  # the bandwidth roof of this block's bytes (in the caches when they fit)
+        quick = benchmark.disabled
+        gbs, how = roofs.bandwidth_for(info["bytes"], roofs.measured(quick), quick)
+        benchmark.extra_info.update(bandwidth_roof_gbytes_per_s=gbs, bandwidth_roof_how=how)
+
+    def call():
+        with torch.inference_mode():
+            return fn()
+
+    if estimated_seconds > 0.25:  # the 8B prompts, whole models: a fixed few rounds, not pytest-benchmark's calibration
+        benchmark.pedantic(call, rounds=5 if estimated_seconds < 2 else 3, iterations=1, warmup_rounds=1)
+    else:
+        benchmark(call)
+
+
 def run_case(benchmark, op: str, shape: cases.Shape, name: str, dtype_name: str) -> None:
     fn = cases.implementation(op, name, shape, dtype_name)
-    if name not in cases.ROOFS:  # once, untimed: a fast wrong kernel cannot win
-        err = cases.relative_error(fn(), cases.reference(op, shape, dtype_name))
-        assert err < cases.TOLERANCE[dtype_name], f"{name} {op} {shape.label} {dtype_name}: relative error {err:.3g}"
-    benchmark.group = f"{op} {shape.model} {shape.label}"
-    benchmark.extra_info.update(op=op, model=shape.model, shape=shape.label, seq=shape.seq, past=shape.past,
-                                implementation=name, dtype=dtype_name, flops=cases.flops(op, shape),
-                                bytes=cases.bytes_moved(op, shape, DTYPES[dtype_name]))
-    seconds = cases.estimated_seconds(op, shape, dtype_name)
-    if seconds > 0.25:  # the 8B prompts: a fixed few rounds, not pytest-benchmark's calibration
-        benchmark.pedantic(fn, rounds=5 if seconds < 2 else 3, iterations=1, warmup_rounds=1)
-    else:
-        benchmark(fn)
+    err = cases.relative_error(fn(), cases.reference(op, shape, dtype_name))  # once, untimed: a fast wrong kernel
+    assert err < cases.TOLERANCE[dtype_name], f"{name} {op} {shape.label} {dtype_name}: relative error {err:.3g}"
+    info = dict(op=op, model=shape.model, shape=shape.label, seq=shape.seq, past=shape.past, implementation=name,
+                dtype=dtype_name, flops=cases.flops(op, shape), bytes=cases.bytes_moved(op, shape, DTYPES[dtype_name]))
+    _record(benchmark, fn, f"{op} {shape.model} {shape.label}", info, cases.estimated_seconds(op, shape, dtype_name))
 
 
 @pytest.mark.parametrize(("shape", "name", "dtype_name"), list(_params("attention")))
@@ -45,3 +60,52 @@ def test_attention(benchmark, shape, name, dtype_name):
 @pytest.mark.parametrize(("shape", "name", "dtype_name"), list(_params("ffn")))
 def test_ffn(benchmark, shape, name, dtype_name):
     run_case(benchmark, "ffn", shape, name, dtype_name)
+
+
+@pytest.mark.parametrize(("shape", "name", "dtype_name"), list(_params("layer")))
+def test_layer(benchmark, shape, name, dtype_name):
+    run_case(benchmark, "layer", shape, name, dtype_name)
+
+
+# ------------------------------------------------------------------------------------------- whole models
+def _forward_params():
+    for model_name in ("smollm2-135m", "llama-3-8b-1layer"):
+        for seq in models.FORWARD_SEQS:
+            slow = model_name != "smollm2-135m" or seq > 17  # the default run: SmolLM2's 17 tokens only
+            for name in models.FORWARD_IMPLEMENTATIONS:
+                for dtype_name in DTYPES:
+                    yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name,
+                                       marks=[pytest.mark.slow] if slow else [],
+                                       id=f"{model_name}-prefill-{seq}-{name}-{dtype_name}")
+
+
+@pytest.mark.parametrize(("shape", "name", "dtype_name"), list(_forward_params()))
+def test_forward(benchmark, user_forward, shape, name, dtype_name):
+    """A whole forward over the prompt: `user` is `--impl module:callable` (impl's reference forward without it)."""
+    fn = models.forward_case(name, shape, dtype_name, user_forward)
+    ref = models.forward_case("hf-eager", shape, dtype_name)()
+    got = models.user_last_logits(user_forward, shape, dtype_name) if name == "user" else fn()
+    assert got is not None, "the user's forward reported no `logits` stage to the trace"
+    err = cases.relative_error(got.reshape(-1), ref)
+    assert err < models.FORWARD_TOLERANCE[dtype_name], f"{name} {shape.label} {dtype_name}: last logits {err:.3g}"
+    config, _ = models.checkpoint(shape.model, dtype_name)
+    layer = cases.Shape(shape.model.removesuffix("-1layer"), shape.seq)  # every layer, then the last unembedding
+    flops = config.n_layers * cases.flops("layer", layer) + 2 * config.vocab_size * config.dim
+    info = dict(op="forward", model=shape.model, shape=shape.label, seq=shape.seq, past=0, implementation=name,
+                dtype=dtype_name, flops=flops)
+    _record(benchmark, fn, f"forward {shape.model} {shape.label}", info, info["flops"] / 40e9)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", models.GENERATE_IMPLEMENTATIONS)
+def test_generate(benchmark, name, dtype_name):
+    """End to end: `impl generate`'s fast path (its prepared weights) vs transformers' greedy generate."""
+    fn = models.generate_case(name, dtype_name)
+    ids, want = fn(), models.generate_case("hf-eager", dtype_name)()
+    assert len(ids) == models.GENERATE_NEW
+    same = ids == want if dtype_name == "fp32" else ids[0] == want[0]  # bf16 paths may part ways after a near tie
+    assert same, f"{name} {dtype_name}: generated {ids[:8]}..., transformers {want[:8]}..."
+    info = dict(op="generate", model="smollm2-135m", shape=f"{models.GENERATE_PROMPT}+{models.GENERATE_NEW}",
+                seq=models.GENERATE_PROMPT, past=0, implementation=name, dtype=dtype_name,
+                new_tokens=models.GENERATE_NEW)
+    _record(benchmark, fn, f"generate smollm2-135m {info['shape']}", info, 1.0)

@@ -347,7 +347,7 @@ def prepare_for_generation(weights: dict[str, torch.Tensor], config: ModelConfig
     for the weights' dtype. Packed weights replace the plain ones (an opaque oneDNN layout): the reference forward
     and the golden checks cannot read them, only `forward_fast`.
     """
-    dtype = _DTYPE_NAMES[weights["tok_embeddings.weight"].dtype]
+    dtype = _DTYPE_NAMES[weights["layers.0.attention.wo.weight"].dtype]
     layout = layout or gemm.layout_for_generation(dtype)
     out: dict[str, torch.Tensor] = {}
     for name in [n for n in weights if not n.startswith("layers.")]:
@@ -465,7 +465,7 @@ class Engines:
 def choose_engines(weights: Weights, rows: int = 1) -> Engines:
     """Stacked matrices where fuse_weights made them, else one per matrix; the GEMM engine measured fastest here
     for the weights' dtype, layout and `rows` (impl.engines: decode, short or long prompt)."""
-    dtype = _DTYPE_NAMES[weights["tok_embeddings.weight"].dtype]
+    dtype = _DTYPE_NAMES[weights["layers.0.attention.wo.weight"].dtype]  # a matrix every layout has
     engine = gemm.engine_for(dtype, rows, weights_layout(weights))
     if "layers.0.attention.wqkv.weight" in weights:
         return Engines(qkv_rope_stacked, feed_forward_stacked, engine.matmul, engine.name)

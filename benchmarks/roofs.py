@@ -1,0 +1,123 @@
+"""The machine's true roofs: the best GEMM rate any engine reaches, and a STREAM-like read rate.
+
+- Peak FLOP/s per dtype: every GEMM engine of impl.engines (torch's default, oneDNN with the weight packed once,
+  numpy's OpenBLAS, bf16 native and via fp32 (blocked, or on an fp32 copy)) multiplies (1024, 2048) @ (2048, 2048);
+  the fastest sets the roof and is named. A second copy of the weights is allowed here: a roof is what the
+  machine can do, not what impl may hold. Beside it, the theoretical peak where the clock and vector width are
+  readable: cores x GHz x fp32 lanes x 2 (FMA) x 2 FMA units (assumed; AVX512-BF16 doubles it for bf16).
+- Bandwidth: the fastest plain read (torch and numpy sums over fp32) of a buffer 4x the last-level cache.
+  A block whose bytes fit in the caches is read from them: its bandwidth roof is the read rate of a buffer of
+  its own size, repeated, when that is faster (`read_rate`).
+
+A benchmark's fraction of roof = max(FLOPs / peak, bytes / bandwidth) / its time. Above 1 the roof is wrong
+(something beat the machine's best): benchmarks/chart.py fails the run, it never clamps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from impl import engines
+
+PEAK_SHAPE = (1024, 2048, 2048)  # rows, in, out: 8.6 GFLOP, past every engine's small-shape overheads
+QUICK_SHAPE = (64, 128, 128)  # the untimed default run: exercise the code in milliseconds
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def gemm_rates(dtype: str, shape: tuple[int, int, int] = PEAK_SHAPE, repeats: int = 3) -> dict[str, float]:
+    """GFLOP/s of each engine that runs this dtype here (and gets it right) at `shape`."""
+    rows, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, k, generator=g).to(engines.DTYPES[dtype])
+    w = torch.randn(n, k, generator=g).to(engines.DTYPES[dtype])
+    exact = x.double() @ w.double().T
+    rates = {}
+    with torch.inference_mode():
+        for name, e in engines.ENGINES.items():
+            if dtype not in e.dtypes:
+                continue
+            try:
+                pw = e.prepare(w) if e.prepare else w
+                if engines.relative_error(e.matmul(x, pw), exact) >= engines.TOLERANCE[dtype]:
+                    continue
+                rates[name] = 2 * rows * k * n / _best_time(lambda e=e, pw=pw: e.matmul(x, pw), repeats) / 1e9
+            except RuntimeError:
+                continue
+    return rates
+
+
+def last_level_cache_bytes() -> int:
+    """The largest cache's size from sysfs (32 MB if unreadable)."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        m = re.fullmatch(r"(\d+)([KMG]?)", f.read_text().strip())
+        if m:
+            sizes.append(int(m[1]) * {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m[2]])
+    return max(sizes, default=32 << 20)
+
+
+@functools.cache
+def read_rate(n_bytes: int, repeats: int = 5) -> tuple[float, str]:
+    """(GB/s, how) of the fastest plain read of an fp32 buffer of n_bytes, read `repeats` times (warm)."""
+    buf = torch.randn(max(n_bytes // 4, 1024), generator=torch.Generator().manual_seed(3))
+    arr = buf.numpy()
+    ways = {"torch.sum": buf.sum, "numpy.sum": arr.sum}
+    rates = {how: buf.numel() * 4 / _best_time(fn, repeats) / 1e9 for how, fn in ways.items()}
+    how = max(rates, key=rates.get)
+    return rates[how], how
+
+
+def theoretical_gflops(ident: dict[str, str]) -> dict[str, float | str] | None:
+    """cores x GHz x lanes x 2 x 2 FMA units, where /proc/cpuinfo has the clock and the flags say the width."""
+    mhz = None
+    if os.path.exists("/proc/cpuinfo"):
+        m = re.search(r"cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text())
+        mhz = float(m[1]) if m else None
+    flags = ident["cpu_flags"].split()
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else None
+    if mhz is None or lanes is None:
+        return None
+    fp32 = int(ident["threads"]) * mhz / 1e3 * lanes * 2 * 2
+    return {"fp32": fp32, "bf16": fp32 * (2 if "avx512_bf16" in flags or "amx_bf16" in flags else 1),
+            "how": f"{ident['threads']} threads x {mhz / 1e3:.2f} GHz x {lanes} fp32 lanes x 2 (FMA) x 2 FMA units "
+                   "(assumed)"}
+
+
+@functools.cache
+def measured(quick: bool = False) -> dict:
+    """The roofs of this machine, measured once per process: JSON-ready, for machine_info["roofs"]."""
+    ident = engines.identity()
+    out: dict = {"cpu_model": ident["cpu_model"], "cpu_flags": ident["cpu_flags"], "threads": ident["threads"],
+                 "shape": list(QUICK_SHAPE if quick else PEAK_SHAPE), "quick": quick}
+    for dtype in engines.DTYPES:
+        rates = gemm_rates(dtype, QUICK_SHAPE if quick else PEAK_SHAPE, 1 if quick else 3)
+        best = max(rates, key=rates.get)
+        out[dtype] = {"gflops": rates[best], "engine": best, "engines": rates}
+    llc = last_level_cache_bytes()
+    gbs, how = read_rate((1 << 20) if quick else 4 * llc, 1 if quick else 5)
+    out["bandwidth"] = {"gbytes_per_s": gbs, "how": how, "buffer_bytes": (1 << 20) if quick else 4 * llc,
+                        "last_level_cache_bytes": llc}
+    out["theoretical"] = theoretical_gflops(ident)
+    return out
+
+
+def bandwidth_for(n_bytes: int, roofs: dict, quick: bool = False) -> tuple[float, str]:
+    """The bandwidth roof for a block reading n_bytes: the larger-than-cache rate, or its own size's if faster."""
+    dram = roofs["bandwidth"]["gbytes_per_s"]
+    own, how = read_rate(n_bytes, 1 if quick else 5)
+    return (own, f"{how} of {n_bytes / 1e6:.1f} MB, repeated") if own > dram else (dram, "beyond the caches")
