@@ -108,4 +108,4 @@ def test_generate(benchmark, name, dtype_name):
     info = dict(op="generate", model="smollm2-135m", shape=f"{models.GENERATE_PROMPT}+{models.GENERATE_NEW}",
                 seq=models.GENERATE_PROMPT, past=0, implementation=name, dtype=dtype_name,
                 new_tokens=models.GENERATE_NEW)
-    _record(benchmark, fn, f"generate smollm2-135m {info['shape']}", info, 1.0)
+    _record(benchmark, fn, f"generate smollm2-135m {info['shape']}", info, 2.5)  # 3 rounds
