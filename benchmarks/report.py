@@ -74,14 +74,20 @@ class Target:
 
 
 def _best_engine_vs_torch(machine_info: dict, dtype: str, rclass: str) -> float | None:
-    """The measured engine table's fastest usable engine over torch's default, for this dtype and row class."""
+    """The measured engine table's fastest engine (plain or packed, no second copy) over torch's default."""
     from impl import engines
 
     timings = machine_info.get("engines") or {}
     try:
         row = timings[dtype][rclass]
-        return row["torch"] / row[engines.choose(timings, dtype, rclass)]
-    except (KeyError, TypeError, ZeroDivisionError):
+        best = []
+        for layout in (engines.PLAIN, engines.PACKED):
+            try:
+                best.append(row[engines.choose(timings, dtype, rclass, layout)])
+            except engines.EngineError:
+                pass
+        return row["torch"] / min(best)
+    except (KeyError, TypeError, ZeroDivisionError, ValueError):
         return None
 
 
