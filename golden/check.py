@@ -69,15 +69,23 @@ def load_callable(spec: str | None) -> Implementation:
 
 # ---------------------------------------------------------------- the goldens
 def golden_set(path: str | Path | None) -> list[Golden]:
-    """A golden folder, or a folder of them (e.g. golden/data/tiny with fp32/ and bf16/)."""
+    """A golden folder, or a folder of them (e.g. golden/data/tiny with fp32/ and bf16/).
+
+    Dot-folders are skipped: `.fp32.tmp-*` / `.fp32.old-*` are a writer's temp folders (golden.format).
+    """
     path = Path(path) if path is not None else DEFAULT_GOLDEN
     if (path / MANIFEST).is_file():
         return [load_golden(path)]
     if path.is_dir():
-        subs = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
+        subs = _golden_folders(path)
         if subs:
             return [load_golden(p) for p in subs]
     raise GoldenError(f"{path}: not a golden folder (no {MANIFEST} in it or in its subfolders)")
+
+
+def _golden_folders(folder: Path) -> list[Path]:
+    """The golden folders in folder, by name; not dot-folders (a writer's temp or old folders)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
 
 
 def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
@@ -87,8 +95,8 @@ def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
 
 def _siblings(golden: Golden) -> Iterator[Golden]:
     """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
-    for p in sorted(golden.path.parent.iterdir()):
-        if p != golden.path and (p / MANIFEST).is_file():
+    for p in _golden_folders(golden.path.parent):
+        if p != golden.path:
             yield load_golden(p)
 
 

@@ -14,6 +14,8 @@ rename), so a crash never leaves a half-written golden under the final name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,17 +159,181 @@ def _dumps(manifest: Mapping[str, Any]) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
+# ---------------------------------------------------------------- writing: the destination
+# A write goes through a temp folder `.<name>.tmp-*` beside the target; a golden it replaces is first
+# moved into `.<name>.old-*`. A run killed in between (SIGKILL, power) leaves those behind: the next
+# write into the same folder, under the lock, restores or removes them (`recover`). Readers skip
+# dot-folders (golden.check.golden_set), so a leftover is never taken for a golden.
+_HELD: set[Path] = set()  # destinations this process holds the lock of (the lock is re-entrant)
+
+
+def _has_golden_manifest(folder: Path) -> bool:
+    """True if folder/manifest.json is a manifest of this format (any version: re-recording is how an older
+    golden is upgraded), whatever else lies beside it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _others(folder: Path) -> list[str]:
+    """What folder holds besides a golden's two files."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, ACTIVATIONS))
+
+
+def _is_golden_content(folder: Path) -> bool:
+    """True if `folder` is a golden of this format and holds nothing else: the only kind of folder a write
+    may replace."""
+    try:
+        return folder.is_dir() and not _others(folder) and _has_golden_manifest(folder)
+    except OSError:
+        return False
+
+
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """The `.<name>.tmp-*` or `.<name>.old-*` folders beside folder."""
+    prefix = f".{folder.name}.{kind}-"
+    return sorted(p for p in folder.parent.iterdir()
+                  if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+
+
+def check_destination(folder: str | os.PathLike) -> Path:
+    """Refuse, in one line and before any work, a destination that a write could not or must not replace.
+
+    A write replaces `folder` only if it is missing, empty, or a golden of this format holding nothing
+    else; anything else (a file, another tool's folder, a golden with the user's notes beside it) is
+    refused, never deleted. The nearest existing parent must be a folder this process can write in.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
+    if folder.is_dir():
+        try:
+            empty = not any(folder.iterdir())
+        except OSError as e:
+            raise GoldenError(f"{folder}: cannot read it ({e.strerror})") from None
+        if not empty and not _is_golden_content(folder):
+            others = _others(folder)
+            if others and _has_golden_manifest(folder):
+                raise GoldenError(f"{folder}: a golden, but it also holds {', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}; refusing to overwrite it (move them away)")
+            raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GoldenError(f"{folder}: cannot be created ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GoldenError(f"{folder}: cannot be created ({parent} is not writable)")
+    return folder
+
+
+def recover(folder: str | os.PathLike) -> None:
+    """Clean up after a write into `folder` that was killed: put back a golden left as `.<name>.old-*/<name>`
+    when `folder` is missing, then remove the leftover temp and old folders. Only folders holding what a
+    write puts there are removed. Call it only while holding the destination's lock (`destination`)."""
+    folder = Path(folder)
+    olds = _leftovers(folder, "old")
+    if not folder.exists():
+        for old in olds:
+            if _is_golden_content(old / folder.name):
+                os.rename(old / folder.name, folder)
+                break
+    for tmp in _leftovers(folder, "tmp"):
+        if {p.name for p in tmp.iterdir()} <= {MANIFEST, ACTIVATIONS}:  # what a write puts there, nothing else
+            shutil.rmtree(tmp)
+    for old in olds:
+        inside = list(old.iterdir())
+        if not inside or (len(inside) == 1 and inside[0].name == folder.name and _is_golden_content(inside[0])):
+            shutil.rmtree(old)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p folder's parent; returns the folders it created, deepest first."""
+    made, p = [], folder.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+@contextlib.contextmanager
+def destination(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder` for writing: checked (`check_destination`), locked against a concurrent writer
+    (flock on `.<name>.lock` beside it), and cleaned of a killed run's leftovers (`recover`).
+
+    A second writer of the same folder, in this or another process, is refused in one line. Re-entrant
+    within a process, so `record` can hold it across the forward pass and `write_golden` inside it.
+    """
+    folder = Path(os.path.abspath(folder))
+    if folder in _HELD:
+        yield folder
+        return
+    check_destination(folder)
+    made = _make_parents(folder)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    try:
+        fd = _lock(lock_path, folder)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    _HELD.add(folder)
+    ok = False
+    try:
+        recover(folder)
+        check_destination(folder)  # again: what recover put back, or what appeared before the lock was taken
+        yield folder
+        ok = True
+    finally:
+        _HELD.discard(folder)
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # before closing: a writer that opened the old file then finds it unlinked
+        os.close(fd)
+        if not ok:
+            _remove_empty(made)
+
+
+def _lock(lock_path: Path, folder: Path) -> int:
+    """An exclusive flock on lock_path, or GoldenError if another process holds it."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GoldenError(f"{folder}: another process is writing this golden (it holds {lock_path}); "
+                              f"wait for it to finish") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder unlinked it as we locked it: take the new file
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 def write_golden(folder: str | os.PathLike, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write a golden folder atomically; returns its path.
 
     `manifest` holds the identity fields (model, dtype, attn_implementation, prompt, tokens,
     derived, versions); this function adds format, version, layout, the stage list (from
     `tensors`, in its order) and the tensor file's sha256. An existing golden at `folder` is
-    replaced; an existing folder that is not a golden is refused.
+    replaced; anything else there is refused (`check_destination`). A concurrent writer of the same
+    folder is refused; an interrupted write (any exception, SIGINT/SIGTERM turned into one) leaves the
+    folder as it was and no temp folder behind.
     """
     folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / MANIFEST).exists())):
-        raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
     blob = _tensor_bytes(tensors)
     full = {
         **manifest,
@@ -177,24 +343,40 @@ def write_golden(folder: str | os.PathLike, manifest: Mapping[str, Any], tensors
         "stages": [{"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in tensors.items()],
         "activations_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    text = _dumps(full)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a golden is data to share
-        (tmp / ACTIVATIONS).write_bytes(blob)
-        (tmp / MANIFEST).write_text(text, encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        text = _dumps(full).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GoldenError(f"{folder}: the manifest holds text that is not valid Unicode "
+                          f"({e.object[e.start:e.end]!a}); refusing to write it") from None
+    with destination(folder):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a golden is data to share
+            (tmp / ACTIVATIONS).write_bytes(blob)
+            (tmp / MANIFEST).write_bytes(text)
+            _commit(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; the half-written folder otherwise
+    return folder
+
+
+def _commit(tmp: Path, folder: Path) -> None:
+    """Put the complete golden `tmp` in place of `folder`: two renames; the old golden comes back if the
+    second never happens (an exception here; a SIGKILL is repaired by the next write's `recover`)."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    try:
+        if old is not None:
             os.rename(folder, old / folder.name)
         os.rename(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists() and (old / folder.name).exists():
+            os.rename(old / folder.name, folder)
         raise
-    return folder
+    finally:
+        if old is not None and folder.exists():  # else it holds the only copy: the next write restores it
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

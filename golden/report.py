@@ -8,14 +8,19 @@ many the golden holds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from golden import compare as cmp
 from golden.check import Outcome
 from impl import stages
+from impl.errors import Llama3GoldenError
 
 
 def sci(x: float) -> str:
@@ -173,7 +178,68 @@ def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
 
 
 def write_json(data, file: str | Path) -> None:
-    Path(file).write_text(json.dumps(data, indent=1) + "\n")
+    write_file(file, (json.dumps(data, indent=1) + "\n").encode(), "--json")
+
+
+# ---------------------------------------------------------------- output files
+class OutputError(Llama3GoldenError):
+    """A report file (--json, --plot) that cannot be written."""
+
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format(file: str | Path) -> str:
+    """The image format a plot file's suffix asks for (png without one)."""
+    suffix = Path(file).suffix.lower().removeprefix(".") or "png"
+    if suffix not in PLOT_FORMATS:
+        raise OutputError(f"--plot {file}: .{suffix} is not an image format this tool writes "
+                          f"({', '.join('.' + f for f in PLOT_FORMATS)})")
+    return suffix
+
+
+def check_writable(file: str | Path, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path under a missing
+    folder or under a file, a folder that does not take new files. Probed for real (creating and removing
+    the file), since permission bits say nothing to root or about /proc."""
+    path = Path(file)
+    if path.is_dir():
+        raise OutputError(f"{option} {file}: is a folder, not a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{option} {file}: not writable")
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise OutputError(f"{option} {file}: cannot be written ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(path)
+
+
+def write_file(file: str | Path, data: bytes, option: str = "output") -> None:
+    """Write a report file whole or not at all: a temp file beside it, then a rename, so a full disk or a kill
+    never leaves a truncated report in place of the last good one. A file that is not a regular file
+    (/dev/stdout, a pipe) is written directly. Any OSError is an OutputError (one line, exit 2)."""
+    path = Path(file)
+    try:
+        if path.exists() and not path.is_file():
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        real = path.resolve()  # through a symlink: replace its target, not the link
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.tmp-", dir=real.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, real)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(f"{option} {file}: cannot be written ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------- PNG
@@ -198,8 +264,10 @@ def plot_panels(panels: list[tuple[str, cmp.Report]], file: str | Path) -> None:
     axes[0][0].set_ylabel("relative error")
     axes[0][-1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(file, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=plot_format(file), dpi=110)
     plt.close(fig)
+    write_file(file, image.getvalue(), "--plot")
 
 
 def plot_check(outcomes: list[Outcome], file: str | Path) -> None:
