@@ -126,20 +126,18 @@ def fused_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
 
 
 def _impl(op: str, shape: Shape, dtype_name: str, fused: bool = False) -> Callable[[], torch.Tensor]:
+    """impl's fast forward, one block of it: its engines chosen from the weights once, as forward_fast does."""
     c, inp = shape.config, inputs(shape, dtype_name)
     w = (fused_weights if fused else layer_weights)(shape.model, dtype_name)
+    engines = model.choose_engines(w)  # stacked matrices for impl-fused, one per matrix for impl
     if op == "ffn":
-        w1, w2, w3 = (w[f"layers.0.feed_forward.{n}.weight"] for n in ("w1", "w2", "w3"))
-        if fused:
-            w13 = w["layers.0.feed_forward.w13.weight"]
-            return lambda: model.swiglu_fused(inp.x, w13, w2)
-        return lambda: model.swiglu(inp.x, w1, w3, w2)
+        return lambda: engines.feed_forward(inp.x, w, 0)
     freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
     cache = None
     if shape.past:
         cache = model.KVCache.empty(c, shape.kv_len, DTYPES[dtype_name])
         cache.update(0, 0, inp.past_k, inp.past_v)
-    return lambda: model.attention_block(inp.x, w, 0, c, freqs_cis, shape.past, cache, None)
+    return lambda: model.attention_fast(inp.x, w, 0, c, freqs_cis, shape.past, cache, engines)
 
 
 def _walkthrough(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:

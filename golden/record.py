@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from golden.format import check_destination, destination, environment, write_golden
 from impl import stages
 from impl.config import ModelConfig
-from impl.errors import Llama3GoldenError, PromptError
+from impl.errors import Llama3GoldenError, PromptError, check_prompt
 from impl.layout import DTYPES, rotate_half_to_interleaved
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -314,8 +314,7 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
     larger than memory.
     """
-    if not prompt:
-        raise PromptError("empty prompt: nothing to record")
+    check_prompt(prompt)
     _check_text(prompt, "the prompt")
     _check_text(model, "the model name")
     if dtype not in DTYPES:
@@ -327,8 +326,7 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
     with destination(out), _progress_bars(progress), load_reference(model, dtype, attn, device_map,
                                                                     offload_folder) as ref:
         tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
-        if len(tokens) > ref.config.max_seq_len:
-            raise PromptError(f"{len(tokens)} tokens exceed the context of {ref.config.max_seq_len}")
+        check_prompt(tokens, ref.config.max_seq_len, model=model)
         tensors = capture(ref.hf_model, tokens, attn, progress=progress)
         manifest = {
             "model": {"name": model, "config": ref.config.to_dict(), "weights_sha256": ref.weights_sha256,

@@ -12,11 +12,16 @@ from pathlib import Path
 
 import torch
 
-from impl.errors import AssetError
+from impl.errors import AssetError, ShapeError
 
 
-def cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """t in dtype; None keeps the stored dtype. .to() with the same dtype returns t itself: no copy."""
+def cast(t: torch.Tensor, dtype: torch.dtype | None, name: str) -> torch.Tensor:
+    """t in dtype; None keeps the stored dtype. .to() with the same dtype returns t itself: no copy.
+
+    The dtype is checked before the cast: an int or bool tensor cast to float would pass `validate`.
+    """
+    if not t.is_floating_point():
+        raise ShapeError(f"checkpoint: tensor {name} has dtype {t.dtype}, expected floating point")
     return t if dtype is None else t.to(dtype)
 
 
@@ -31,6 +36,9 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise AssetError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
         raise AssetError(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise AssetError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -137,7 +137,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None, n_layers: int 
             continue
         if t.name not in names:
             raise ShapeError(f"{path}: unexpected tensor {t.name}")
-        weights[names[t.name]] = cast(_gguf_tensor(t), dtype)
+        weights[names[t.name]] = cast(_gguf_tensor(t), dtype, t.name)
     validate(weights, config)
     return Checkpoint(config, weights, path, f"gguf {path}")
 

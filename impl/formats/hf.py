@@ -67,6 +67,9 @@ def _safetensors_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise AssetError(f"{index}: no weight_map")
+        for f in weight_map.values():  # shards are plain file names beside the index
+            if not isinstance(f, str) or f in ("", ".", "..") or "\\" in f or Path(f).name != f:
+                raise AssetError(f"{index}: weight_map names {f!r}, which is not a file in the model folder")
         return [folder / f for f in sorted(set(weight_map.values()))]
     single = folder / "model.safetensors"
     if not single.is_file():
@@ -94,7 +97,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype | None = None, n_layers: int 
     folder = Path(folder)
     config = from_hf_config(read_json(folder / "config.json"))
     config = cut_layers(config, n_layers)
-    sd = {name: cast(t, dtype) for name, t in _safetensors_tensors(_safetensors_files(folder))
+    sd = {name: cast(t, dtype, name) for name, t in _safetensors_tensors(_safetensors_files(folder))
           if keeps_layer(name, n_layers, "hf")}
     weights = from_hf_state_dict(sd, config)
     validate(weights, config)

@@ -58,7 +58,7 @@ def load_meta(folder: str | Path, dtype: torch.dtype | None = None, n_layers: in
         else:
             kind = name.split(".")[-2] if name.startswith("layers.") else name.split(".")[0]
             t = torch.cat(parts, dim=_SHARD_DIM[kind]) if kind in _SHARD_DIM else parts[0]
-        weights[name] = cast(t, dtype)
+        weights[name] = cast(t, dtype, name)
     validate(weights, config)
     tokenizer = folder / "tokenizer.model"
     return Checkpoint(config, weights, tokenizer if tokenizer.is_file() else None, f"meta {folder}")
