@@ -312,7 +312,8 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
     """Record a golden of `model` on `prompt` in `dtype` ('fp32'|'bf16') into folder `out`; returns it.
 
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
-    larger than memory.
+    larger than memory. `out` is checked and locked before the model loads (`golden.format.destination`):
+    only a golden, an empty folder or a new path is written; anything else is refused before any work.
     """
     check_prompt(prompt)
     _check_text(prompt, "the prompt")
