@@ -406,7 +406,7 @@ def diff(a: str | Path, b: str | Path) -> Diff:
     """Load two golden folders and diff b against a (both of one model and prompt, which must tokenize to
     their tokens where the tokenizer is on disk)."""
     ga, gb = load_golden(a), load_golden(b)
-    report = diff_goldens(ga, gb)
     tok, why_not = load_tokenizer_offline(tokenizer_of(ga.model_name))
     verify_prompt(ga, tok, why_not)
-    return Diff(ga, gb, report, verify_prompt(gb, tok, why_not))
+    prompt_check = verify_prompt(gb, tok, why_not)
+    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check)

@@ -387,7 +387,8 @@ def load_golden(folder: str | os.PathLike) -> Golden:
     try:
         config = ModelConfig.from_dict(manifest["model"]["config"])
     except (KeyError, TypeError, ValueError, Llama3GoldenError) as e:
-        raise GoldenError(f"{where}: model config unreadable ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        why = str(e).splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise GoldenError(f"{where}: model config unreadable ({why})") from None
     seq = len(manifest["tokens"])
     _check_tokens(where, manifest, config)
     _check_stage_set(where, [e["name"] for e in manifest["stages"]], config, seq, _options(manifest))

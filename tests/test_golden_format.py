@@ -151,8 +151,8 @@ REFUSALS = {
                              r"\w{12}\.\.\. \(tampered or truncated\)$"),
     "truncated": (_truncate, r"activations.safetensors: sha256 .* \(tampered or truncated\)$"),
     "newer-version": (_edit_manifest(version=3), r"manifest.json: format version 3, this reader reads version 2$"),
-    "older-version": (_edit_manifest(version=1), r"manifest.json: golden format version 1 is older than this reader's 2; "
-                                                 r"re-record it with `python -m golden record --model synthetic "
+    "older-version": (_edit_manifest(version=1), r"manifest.json: golden format version 1 is older than this reader's "
+                                                 r"2; re-record it with `python -m golden record --model synthetic "
                                                  r"--prompt 'a b c' --dtype fp32 --out .*/g` \(the committed "
                                                  r"baselines: `python -m golden record-baselines`\)$"),
     "edited": (_edit_manifest(redigest=False, prompt="a b d"),
