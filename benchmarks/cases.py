@@ -19,9 +19,9 @@ import torch
 from benchmarks import walkthrough
 from impl import model
 from impl.config import PRESETS, ModelConfig
+from impl.layout import DTYPES, interleaved_to_rotate_half, permute_qk
 
 MODELS = ("llama-3-8b", "smollm2-135m")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROOFS = ("roof-mm", "roof-bw")
 IMPLEMENTATIONS = {
     "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa", *ROOFS),
@@ -126,20 +126,18 @@ def fused_weights(model_name: str, dtype_name: str) -> dict[str, torch.Tensor]:
 
 
 def _impl(op: str, shape: Shape, dtype_name: str, fused: bool = False) -> Callable[[], torch.Tensor]:
+    """impl's fast forward, one block of it: its engines chosen from the weights once, as forward_fast does."""
     c, inp = shape.config, inputs(shape, dtype_name)
     w = (fused_weights if fused else layer_weights)(shape.model, dtype_name)
+    engines = model.choose_engines(w)  # stacked matrices for impl-fused, one per matrix for impl
     if op == "ffn":
-        w1, w2, w3 = (w[f"layers.0.feed_forward.{n}.weight"] for n in ("w1", "w2", "w3"))
-        if fused:
-            w13 = w["layers.0.feed_forward.w13.weight"]
-            return lambda: model.swiglu_fused(inp.x, w13, w2)
-        return lambda: model.swiglu(inp.x, w1, w3, w2)
+        return lambda: engines.feed_forward(inp.x, w, 0)
     freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
     cache = None
     if shape.past:
         cache = model.KVCache.empty(c, shape.kv_len, DTYPES[dtype_name])
         cache.update(0, 0, inp.past_k, inp.past_v)
-    return lambda: model.attention_block(inp.x, w, 0, c, freqs_cis, shape.past, cache, None)
+    return lambda: model.attention_fast(inp.x, w, 0, c, freqs_cis, shape.past, cache, engines)
 
 
 def _walkthrough(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.Tensor]:
@@ -149,12 +147,6 @@ def _walkthrough(op: str, shape: Shape, dtype_name: str) -> Callable[[], torch.T
     freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)
     past = (inp.past_k.transpose(0, 1), inp.past_v.transpose(0, 1)) if shape.past else None  # (kv, past, d)
     return lambda: walkthrough.attention(inp.x, w, c, freqs_cis, past)
-
-
-def hf_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta -> transformers q/k rows: interleaved pairs (2i, 2i+1) -> rotate-half halves (i, i + d/2)."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
@@ -195,8 +187,8 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
         return lambda: mlp(x)[0]
     with torch.device("meta"):
         module = LlamaAttention(hf_cfg, layer_idx=0)
-    module.load_state_dict({"q_proj.weight": hf_permute(w["attention.wq.weight"], c.n_heads),
-                            "k_proj.weight": hf_permute(w["attention.wk.weight"], c.n_kv_heads),
+    module.load_state_dict({"q_proj.weight": permute_qk(w["attention.wq.weight"], c.n_heads),
+                            "k_proj.weight": permute_qk(w["attention.wk.weight"], c.n_kv_heads),
                             "v_proj.weight": w["attention.wv.weight"], "o_proj.weight": w["attention.wo.weight"]},
                            assign=True)
     module.requires_grad_(False)
@@ -209,8 +201,7 @@ def _hf(op: str, shape: Shape, dtype_name: str, attn: str = "eager") -> Callable
     cache = None
     if shape.past:
         d = c.head_dim
-        # Cached keys in transformers' rotate-half layout: pair halves (0::2 | 1::2) of each head.
-        past_k = torch.cat([inp.past_k[..., 0::2], inp.past_k[..., 1::2]], dim=-1)
+        past_k = interleaved_to_rotate_half(inp.past_k)  # cached keys in transformers' layout, per head
         k = torch.zeros(1, c.n_kv_heads, shape.kv_len, d, dtype=x.dtype)
         v = torch.zeros_like(k)
         k[0, :, :shape.past], v[0, :, :shape.past] = past_k.transpose(0, 1), inp.past_v.transpose(0, 1)

@@ -9,13 +9,14 @@ are `slow`. `tox -e bench` times everything; `python -m benchmarks.chart` turns 
 import pytest
 
 from benchmarks import cases
+from impl.layout import DTYPES
 
 
 def _params(op: str):
     for shape in cases.SHAPES:
         marks = [pytest.mark.slow] if cases.is_heavy(op, shape) else []
         for name in cases.IMPLEMENTATIONS[op]:
-            for dtype_name in cases.DTYPES:
+            for dtype_name in DTYPES:
                 yield pytest.param(shape, name, dtype_name, marks=marks,
                                    id=f"{shape.model}-{shape.label}-{name}-{dtype_name}")
 
@@ -28,7 +29,7 @@ def run_case(benchmark, op: str, shape: cases.Shape, name: str, dtype_name: str)
     benchmark.group = f"{op} {shape.model} {shape.label}"
     benchmark.extra_info.update(op=op, model=shape.model, shape=shape.label, seq=shape.seq, past=shape.past,
                                 implementation=name, dtype=dtype_name, flops=cases.flops(op, shape),
-                                bytes=cases.bytes_moved(op, shape, cases.DTYPES[dtype_name]))
+                                bytes=cases.bytes_moved(op, shape, DTYPES[dtype_name]))
     seconds = cases.estimated_seconds(op, shape, dtype_name)
     if seconds > 0.25:  # the 8B prompts: a fixed few rounds, not pytest-benchmark's calibration
         benchmark.pedantic(fn, rounds=5 if seconds < 2 else 3, iterations=1, warmup_rounds=1)

@@ -204,7 +204,7 @@ def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
     expected = stages.expected_shape(name, config, seq)
     if tuple(t.shape) == (1, *expected):  # a batch of one
         t = t[0]
-    if name in ("logits", "logprobs_last") and tuple(t.shape[-2:]) == (seq, *expected):
+    if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
         t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
     return t.clone()
 

@@ -127,7 +127,7 @@ class Report:
             return V_FAIL
         if not self.missing:
             return V_PASS
-        if self.partial and self.checked and "logits" not in self.missing:
+        if self.partial and self.checked and stages.LOGITS not in self.missing:
             return V_PARTIAL
         return V_INCOMPLETE
 

@@ -35,6 +35,7 @@ from safetensors.torch import save as st_save
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError
+from impl.layout import DTYPES  # a golden's dtype names: "fp32" | "bf16"
 
 FORMAT = "llama3-golden"
 VERSION = 2  # 2: manifest_sha256, exactly every stage of the model, reserved decode/rows
@@ -49,7 +50,6 @@ LAYOUT = {
     "logits": "last position",
 }
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _REQUIRED = ("format", "version", "model", "dtype", "attn_implementation", "prompt", "tokens", "derived", "layout",
              "versions", "stages", "activations_sha256", "manifest_sha256")
 # Reserved in version 2 for decode steps (issue 12); absent or null in a plain prefill golden.

@@ -1,8 +1,8 @@
 """The recorder: run transformers' LlamaForCausalLM on a prompt and keep every stage of `impl.stages`.
 
 The reference is transformers, never impl's math. It is built from the same bytes impl loads
-(`impl.weights.load_checkpoint` -> `save_hf` -> `from_pretrained`, or transformers' own GGUF
-loader for a .gguf file, which cross-checks impl's GGUF conversion) with
+(`impl.weights.load_checkpoint` -> `impl.formats.hf.save_hf` -> `from_pretrained`, or transformers' own
+GGUF loader for a .gguf file, which cross-checks impl's GGUF conversion) with
 `from_pretrained(..., dtype=...)`: never `.to(bfloat16)` afterwards, which would also cast
 RoPE's `inv_freq` buffer and corrupt cos/sin.
 
@@ -18,7 +18,8 @@ neither, so both are derived; the manifest lists derived stages.
 
 q, k, q_rope and k_rope are stored in Meta's interleaved-pair layout: HF's checkpoint conversion
 permutes each head's rows so that RoPE pairs (i, i + d/2) ("rotate half"); undoing it per head
-puts pair members side by side, as `impl` and Meta's complex RoPE have them.
+(`impl.layout.rotate_half_to_interleaved`, the same map as the weights' `unpermute_qk`) puts pair members
+side by side, as `impl` and Meta's complex RoPE have them.
 """
 
 from __future__ import annotations
@@ -35,23 +36,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from golden.format import ATTN_DERIVED, DTYPES, environment, write_golden
+from golden.format import ATTN_DERIVED, environment, write_golden
 from impl import stages
 from impl.config import ModelConfig
-from impl.errors import Llama3GoldenError, PromptError
+from impl.errors import Llama3GoldenError, check_prompt
+from impl.layout import DTYPES, rotate_half_to_interleaved
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 # Stages the recorder computes itself rather than reading from transformers, per attention.
 DERIVED = ATTN_DERIVED
-
-
-def to_meta_layout(x: torch.Tensor) -> torch.Tensor:
-    """HF rotate-half order -> Meta interleaved pairs, on the last dim (one head): (..., d) -> (..., d).
-
-    HF's element j and j + d/2 are RoPE partners; Meta puts them at 2j and 2j + 1.
-    """
-    d = x.shape[-1]
-    return torch.stack((x[..., : d // 2], x[..., d // 2:]), dim=-1).reshape(x.shape)
 
 
 # ---------------------------------------------------------------- the attention hook
@@ -118,8 +111,8 @@ class _Recorder:
 
         self.layer = module.layer_idx
         # (1, heads, seq, d) -> (seq, heads, d)
-        self.put("q_rope", to_meta_layout(query[0].transpose(0, 1)))
-        self.put("k_rope", to_meta_layout(key[0].transpose(0, 1)))
+        self.put("q_rope", rotate_half_to_interleaved(query[0].transpose(0, 1)))
+        self.put("k_rope", rotate_half_to_interleaved(key[0].transpose(0, 1)))
         # eager_attention_forward's own expressions, so under eager this is its pre-softmax tensor bit for bit.
         key_states = repeat_kv(key, module.num_key_value_groups)
         scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
@@ -173,8 +166,8 @@ def _hook_model(hf_model, rec: _Recorder) -> Iterator[None]:
         handles.append(layer.register_forward_hook(layer_end))
         attn, mlp = layer.self_attn, layer.mlp
         after(layer.input_layernorm, "attn_norm")
-        after(attn.q_proj, "q", lambda t: to_meta_layout(rec.heads(t)))
-        after(attn.k_proj, "k", lambda t: to_meta_layout(rec.heads(t)))
+        after(attn.q_proj, "q", lambda t: rotate_half_to_interleaved(rec.heads(t)))
+        after(attn.k_proj, "k", lambda t: rotate_half_to_interleaved(rec.heads(t)))
         after(attn.v_proj, "v", rec.heads)
         before(attn.o_proj, "attn_heads", rec.heads)
         after(attn.o_proj, "attn_out")
@@ -258,6 +251,7 @@ def load_reference(model: str, dtype: str, attn: str = "eager", device_map: Any 
 
     from impl import tokenizer as impl_tokenizer
     from impl import weights as impl_weights
+    from impl.formats.hf import save_hf
 
     if dtype not in DTYPES:
         raise Llama3GoldenError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -275,7 +269,7 @@ def load_reference(model: str, dtype: str, attn: str = "eager", device_map: Any 
     gguf = _gguf_path(ckpt.source)
     with tempfile.TemporaryDirectory(prefix="golden-hf-") as tmp:
         if gguf is None:
-            impl_weights.save_hf(tmp, ckpt.weights, ckpt.config)  # the bytes impl loaded, in HF's layout
+            save_hf(tmp, ckpt.weights, ckpt.config)  # the bytes impl loaded, in HF's layout
         ckpt = dataclasses.replace(ckpt, weights={})  # free impl's copy before transformers loads its own
         if gguf is None:
             hf = LlamaForCausalLM.from_pretrained(tmp, **kwargs)
@@ -298,12 +292,10 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
     larger than memory.
     """
-    if not prompt:
-        raise PromptError("empty prompt: nothing to record")
+    check_prompt(prompt)
     with load_reference(model, dtype, attn, device_map, offload_folder) as ref:
         tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
-        if len(tokens) > ref.config.max_seq_len:
-            raise PromptError(f"{len(tokens)} tokens exceed the context of {ref.config.max_seq_len}")
+        check_prompt(tokens, ref.config.max_seq_len, model=model)
         tensors = capture(ref.hf_model, tokens, attn, progress=progress)
         manifest = {
             "model": {"name": model, "config": ref.config.to_dict(), "weights_sha256": ref.weights_sha256,

@@ -91,7 +91,7 @@ def verdict_line(r: cmp.Report) -> str:
     if verdict == cmp.V_PARTIAL:
         return (f"PARTIAL: {len(checked)} of {total} stages, all within tolerance (a partial check, as asked); "
                 f"not reported: {stages.summarize(missing)}")
-    need = ("; a partial check still needs logits" if r.partial and "logits" in missing
+    need = ("; a partial check still needs logits" if r.partial and stages.LOGITS in missing
             else "; report every stage, or check only the reported ones with --partial")
     return (f"INCOMPLETE: {len(checked)} of {total} stages reported" + (", all within tolerance" if checked else "")
             + f"; missing {stages.summarize(missing)}" + need)

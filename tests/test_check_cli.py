@@ -144,7 +144,8 @@ def test_check_accepts_a_golden_of_a_bf16_stored_checkpoint(tmp_path):
     from golden.check import check
     from golden.record import WALKTHROUGH_PROMPT, record
     from impl import assets
-    from impl.weights import load_checkpoint, save_hf
+    from impl.formats.hf import save_hf
+    from impl.weights import load_checkpoint
 
     ckpt = load_checkpoint("tiny", dtype=torch.bfloat16)
     folder = save_hf(tmp_path / "hf-bf16", ckpt.weights, ckpt.config)

@@ -13,10 +13,11 @@ from golden import cli
 from golden.check import diff_goldens
 from golden.compare import stage_metrics
 from golden.format import ACTIVATIONS, MANIFEST, load_golden, sha256_file, write_golden
-from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record, to_meta_layout
+from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record
 from golden.report import format_diff
 from impl import stages
 from impl.errors import Llama3GoldenError
+from impl.layout import rotate_half_to_interleaved as to_meta_layout
 from impl.model import forward
 from impl.weights import load_checkpoint
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from impl import cli
-from impl.weights import load_checkpoint, save_hf
+from impl.formats.hf import save_hf
+from impl.layout import DTYPES
+from impl.weights import load_checkpoint
 
 
 def _run(capsys, *args):
@@ -25,6 +27,10 @@ def test_generate_bf16_runs(capsys):
     code, out, _ = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "The capital of France is",
                         "--max-new-tokens", "2", "--dtype", "bf16")
     assert code == 0 and out.startswith("The capital of France is Paris")
+
+
+def test_generate_dtype_choices_are_the_layout_dtypes():
+    assert sorted(cli.DTYPE_NAMES) == sorted(DTYPES)
 
 
 def _one_error_line(err: str) -> str:

@@ -1,7 +1,7 @@
 """Peak resident memory of a bf16 forward through one Llama-3-8B-shaped layer, extrapolated to the model.
 
 The walk-through runs Llama-3-8B in bf16 within 17 GB. A subprocess (a fresh heap, nothing else resident)
-builds one 8B layer in bf16, runs the walk-through's 17-token prompt through `transformer_block` twice, and
+builds one 8B layer in bf16, runs the walk-through's 17-token prompt through the fast forward's block twice, and
 reads VmRSS / VmHWM from /proc/self/status, resetting the peak (clear_refs 5) before each forward. The
 whole model is then 32 such layers + the embedding + the output matrix + the runtime + the worst forward.
 The forward's own increment must stay below the size of an fp32 copy of the smallest weight matrix, so
@@ -48,7 +48,8 @@ def layer(c):  # filled, so every page is resident; the values do not matter for
 def run(c, w, seq):
     x = torch.randn(seq, c.dim).to(torch.bfloat16)
     with torch.inference_mode():
-        return model.transformer_block(x, w, 0, c, model.precompute_freqs_cis(c, seq))
+        return model.transformer_block_fast(x, w, 0, c, model.precompute_freqs_cis(c, seq), 0, None,
+                                            model.choose_engines(w))
 
 seq = int(sys.argv[1])
 big = PRESETS["llama-3-8b"].replace(n_layers=1)

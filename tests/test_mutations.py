@@ -1,7 +1,8 @@
 """Real bugs, introduced into impl on purpose (in the test, never in the source), must be caught.
 
-Each mutation is a from-scratch mistake people really make. Applied with monkeypatch, the suite
-must fail and name the right first stage. Precision mutations (a bf16 cast inside an fp32
+Each mutation is a from-scratch mistake people really make. Applied with monkeypatch to one of the
+reference forward's documented seams (impl.model's docstring lists them), the suite must fail and
+name the right first stage. Precision mutations (a bf16 cast inside an fp32
 computation) are checked in fp32, where they are bugs; in a bf16 run the same cast is the
 precision the user asked for.
 """
@@ -9,6 +10,7 @@ precision the user asked for.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -61,22 +63,8 @@ def _swiglu_swapped(x, w1, w3):
     return _ORIG["swiglu_parts"](x, w3, w1)
 
 
-def _block_without_attention_residual(x, w, i, config, freqs_cis, start_pos=0, cache=None, trace=None):
-    t = trace or (lambda n, v: None)
-    p = f"layers.{i}."
-    t(p + "residual_in", x)
-    xn = model.rms_norm(x, w[p + "attention_norm.weight"], config.norm_eps)
-    t(p + "attn_norm", xn)
-    h = model.attention_block(xn, w, i, config, freqs_cis, start_pos, cache, trace)  # bug: no "x +"
-    t(p + "residual_attn", h)
-    hn = model.rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps)
-    t(p + "ffn_norm", hn)
-    gate, up = model.swiglu_parts(hn, w[p + "feed_forward.w1.weight"], w[p + "feed_forward.w3.weight"])
-    ffn = (gate * up) @ w[p + "feed_forward.w2.weight"].T
-    for name, v in (("ffn_gate", gate), ("ffn_up", up), ("ffn_hidden", gate * up), ("ffn_out", ffn)):
-        t(p + name, v)
-    t(p + "out", h + ffn)
-    return h + ffn
+def _no_residual(x, sublayer_out):
+    return sublayer_out  # bug: the skip connection dropped ("h = attention(norm(x))")
 
 
 def _skip_final_norm(weights):
@@ -98,7 +86,7 @@ def _untied_output(w):
 
 def _hf_layout_qk(weights, config):
     """Conversion skipped: HF rotate-half q/k rows used with complex (interleaved) RoPE."""
-    from impl.weights import permute_qk
+    from impl.layout import permute_qk
 
     out = dict(weights)
     for i in range(config.n_layers):
@@ -111,7 +99,8 @@ def _hf_layout_qk(weights, config):
 _ORIG = {name: getattr(model, name) for name in (
     "rope_frequencies", "precompute_freqs_cis", "causal_mask", "swiglu_parts", "rms_norm")}
 
-# id -> (function patched in impl.model, replacement, golden model, expected first failing key, dtypes)
+# id -> (seam patched in impl.model, or None where the weights are mutated; replacement, golden model,
+#        expected first failing key, dtypes)
 FP32, BOTH = ("fp32",), ("fp32", "bf16")
 MUTATIONS = {
     # eps/mean(x^2) moves the tiny model's first norm by ~1.2%: 7x the fp32 bound, but inside 5x the bf16
@@ -127,8 +116,7 @@ MUTATIONS = {
     "mask-off-by-one": ("causal_mask", _mask_off_by_one, "tiny", "layers.0.scores", BOTH),
     "scale-by-dim": ("attention_scores", _scores_scaled_by_dim, "tiny", "layers.0.scores", BOTH),
     "swiglu-w1-w3-swapped": ("swiglu_parts", _swiglu_swapped, "tiny", "layers.0.ffn_gate", BOTH),
-    "missing-residual": ("transformer_block", _block_without_attention_residual, "tiny", "layers.0.residual_attn",
-                         BOTH),
+    "missing-residual": ("residual", _no_residual, "tiny", "layers.0.residual_attn", BOTH),
     "final-norm-skipped": ("rms_norm", _skip_final_norm, "tiny", "norm", BOTH),
     "tied-output-ignored": ("output_weight", _untied_output, "smollm2-135m", "logits", BOTH),
     "softmax-bf16-before-max": ("attention_probs", _probs_bf16_before_max, "smollm2-135m", "layers.0.probs", FP32),
@@ -160,3 +148,18 @@ def test_mutation_is_caught_at_its_first_stage(monkeypatch, models, check_agains
     assert first is not None, f"{mutation} ({dtype}) passed every stage: the suite missed a real bug"
     assert first.key == MUTATIONS[mutation][3], f"{mutation}: first failure named {first.key}"
     assert not report.passed
+
+
+def documented_seams() -> set[str]:
+    """The seams impl.model's docstring lists: the names on the indented lines after "Seams."."""
+    lines = model.__doc__.split("Seams.", 1)[1].splitlines()
+    listed = [line.strip().split("  ")[0] for line in lines if line.startswith("    ")]  # names, then a comment
+    return {name for names in listed for name in re.findall(r"\w+", names)}
+
+
+def test_mutations_patch_documented_seams_only():
+    seams = documented_seams()
+    assert {"residual", "rms_norm", "attention_probs"} <= seams, f"the docstring's seam list did not parse: {seams}"
+    assert all(callable(getattr(model, name, None)) for name in seams), f"a listed seam is not in impl.model: {seams}"
+    targets = {spec[0] for spec in MUTATIONS.values() if spec[0] is not None}
+    assert targets <= seams, f"mutations patch undocumented functions: {sorted(targets - seams)}"

@@ -1,4 +1,5 @@
-"""impl against transformers directly: fp32 logits, greedy text, the KV cache, and the three loaders."""
+"""impl's fast forward (what generate runs) against transformers directly: fp32 logits, greedy text, the KV cache,
+and the three loaders."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import torch
 from golden import compare
 from golden.record import load_reference
 from impl import model
+from impl.formats.gguf import save_gguf
+from impl.formats.hf import save_hf
+from impl.formats.meta import save_meta
 from impl.generate import generate
-from impl.weights import load_checkpoint, save_gguf, save_hf, save_meta
+from impl.weights import load_checkpoint
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -38,14 +42,15 @@ def test_tiny_fp32_logits_match_transformers(name):
     tokens = torch.arange(1000, 1023)
     with load_reference(name, "fp32") as ref:
         expected = ref.hf_model(tokens[None]).logits[0]
-    torch.testing.assert_close(model.forward(tokens, ckpt.weights, ckpt.config), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.forward_fast(tokens, ckpt.weights, ckpt.config), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_smollm2_fp32_logits_match_transformers(smollm2, smollm2_hf, smollm2_tokenizer):
     tokens = torch.tensor(smollm2_tokenizer.encode(PROMPTS[2]))
     with torch.inference_mode():
         expected = smollm2_hf.hf_model(tokens[None]).logits[0]
-    torch.testing.assert_close(model.forward(tokens, smollm2.weights, smollm2.config), expected, rtol=1e-4, atol=1e-4)
+    got = model.forward_fast(tokens, smollm2.weights, smollm2.config)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["france", "code", "story"])
@@ -71,11 +76,11 @@ def test_smollm2_greedy_continues_with_paris(smollm2, smollm2_tokenizer):
 def test_kv_cache_decode_equals_full_forward_at_every_position(name, smollm2):
     ckpt = smollm2 if name == "smollm2-135m" else load_checkpoint(name)
     tokens = torch.arange(2000, 2020)
-    full = model.forward(tokens, ckpt.weights, ckpt.config)  # (seq, vocab)
+    full = model.forward_fast(tokens, ckpt.weights, ckpt.config)  # (seq, vocab)
     cache = model.KVCache.empty(ckpt.config, len(tokens), torch.float32)
-    rows = [model.forward(tokens[:5], ckpt.weights, ckpt.config, cache=cache)]  # prefill 5, then one by one
+    rows = [model.forward_fast(tokens[:5], ckpt.weights, ckpt.config, cache=cache)]  # prefill 5, then one by one
     for pos in range(5, len(tokens)):
-        rows.append(model.forward(tokens[pos:pos + 1], ckpt.weights, ckpt.config, start_pos=pos, cache=cache))
+        rows.append(model.forward_fast(tokens[pos:pos + 1], ckpt.weights, ckpt.config, start_pos=pos, cache=cache))
     # fp32 noise only: decode sums over keys in another order than the full causal pass.
     m = compare.stage_metrics(torch.cat(rows), full)
     assert m.rel < 1e-5, f"KV-cache logits differ from the full forward: {m}"
@@ -116,5 +121,5 @@ def test_three_formats_give_identical_outputs(tiny_saved_three_ways):
     outs = {}
     for fmt, path in tiny_saved_three_ways.items():
         ckpt = load_checkpoint(path)
-        outs[fmt] = model.forward(tokens, ckpt.weights, ckpt.config)
+        outs[fmt] = model.forward_fast(tokens, ckpt.weights, ckpt.config)
     assert torch.equal(outs["meta"], outs["hf"]) and torch.equal(outs["meta"], outs["gguf"])

@@ -1,9 +1,11 @@
-"""impl.weights: the three checkpoint formats load to one layout, and the q/k conversions are transformers'
-and llama.cpp's own (checked against transformers' RoPE and its GGUF reader, not only against themselves)."""
+"""impl.weights, impl.formats, impl.layout: the three checkpoint formats load to one layout, and the q/k
+conversions are transformers' and llama.cpp's own (checked against transformers' RoPE and its GGUF reader,
+not only against themselves)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -16,6 +18,10 @@ import torch
 from impl import weights as W
 from impl.config import PRESETS, from_meta_params
 from impl.errors import AssetError, ConfigError, ShapeError, UnknownModelError
+from impl.formats.gguf import llama3_rope_factors, load_gguf, save_gguf
+from impl.formats.hf import from_hf_state_dict, load_hf, save_hf, to_hf_state_dict
+from impl.formats.meta import load_meta, meta_params, save_meta
+from impl.layout import expected_shapes, permute_qk, unpermute_qk, validate
 
 TINY = PRESETS["tiny"]
 TINY_SCALED = PRESETS["tiny-scaled"]
@@ -31,10 +37,10 @@ SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, 
 def save(fmt: str, folder: Path, weights, config) -> Path:
     """Write one format; return what load_checkpoint takes (a folder, or the .gguf file)."""
     if fmt == "meta":
-        return W.save_meta(folder, weights, config)
+        return save_meta(folder, weights, config)
     if fmt == "hf":
-        return W.save_hf(folder, weights, config)
-    return W.save_gguf(folder / "model.gguf", weights, config)
+        return save_hf(folder, weights, config)
+    return save_gguf(folder / "model.gguf", weights, config)
 
 
 def assert_same_weights(actual: dict, expected: dict) -> None:
@@ -66,21 +72,30 @@ def tiny_saved(tiny_weights, tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("n_heads", [8, 2, 1], ids=["8h", "2h", "1h"])
 def test_permute_qk_unpermute_is_exact_inverse(n_heads):
     w = torch.randn(n_heads * 16, 128)
-    assert torch.equal(W.unpermute_qk(W.permute_qk(w, n_heads), n_heads), w)
-    assert torch.equal(W.permute_qk(W.unpermute_qk(w, n_heads), n_heads), w)
-    assert not torch.equal(W.permute_qk(w, n_heads), w)
+    assert torch.equal(unpermute_qk(permute_qk(w, n_heads), n_heads), w)
+    assert torch.equal(permute_qk(unpermute_qk(w, n_heads), n_heads), w)
+    assert not torch.equal(permute_qk(w, n_heads), w)
 
 
 def test_permute_qk_moves_pairs_to_halves():
     # One head of head_dim 6: Meta rows (r0, i0, r1, i1, r2, i2) -> HF rows (r0, r1, r2, i0, i1, i2).
     meta = torch.tensor([[0.0], [10.0], [1.0], [11.0], [2.0], [12.0]])
-    assert W.permute_qk(meta, 1).flatten().tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert permute_qk(meta, 1).flatten().tolist() == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+
+
+def test_layout_imports_neither_model_nor_weights_nor_formats():
+    # impl.model imports impl.layout (Weights), impl.formats.gguf imports impl.model: layout stays below both.
+    code = ("import sys, impl.layout; "
+            "print([m for m in ('impl.model', 'impl.weights', 'impl.formats') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
 
 
 def test_hf_state_dict_round_trip_is_exact(tiny_weights):
-    sd = W.to_hf_state_dict(tiny_weights, TINY)
+    sd = to_hf_state_dict(tiny_weights, TINY)
     assert "model.layers.1.self_attn.k_proj.weight" in sd and "lm_head.weight" in sd
-    assert_same_weights(W.from_hf_state_dict(sd, TINY), tiny_weights)
+    assert_same_weights(from_hf_state_dict(sd, TINY), tiny_weights)
 
 
 def _meta_rope(x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -157,7 +172,7 @@ def test_load_checkpoint_keeps_tied_embeddings(fmt, tmp_path):
 def test_save_hf_tied_embeddings_tie_in_transformers(tmp_path):
     config = TINY.replace(tie_embeddings=True, vocab_size=1000)
     weights = W.random_weights(config, seed=1)
-    model = hf_model(W.save_hf(tmp_path, weights, config))
+    model = hf_model(save_hf(tmp_path, weights, config))
     assert torch.equal(model.lm_head.weight, weights["tok_embeddings.weight"])
 
 
@@ -203,7 +218,7 @@ def test_load_meta_dtype_none_maps_file_without_copy(tiny_saved):
 
 
 def test_load_meta_concatenates_model_parallel_shards(tmp_path, tiny_weights):
-    W.save_meta(tmp_path, tiny_weights, TINY)
+    save_meta(tmp_path, tiny_weights, TINY)
     (tmp_path / "consolidated.00.pth").unlink()
     shards: list[dict] = [{}, {}]
     for name, t in tiny_weights.items():
@@ -214,15 +229,15 @@ def test_load_meta_concatenates_model_parallel_shards(tmp_path, tiny_weights):
             shard[name] = part.clone()
     for i, shard in enumerate(shards):
         torch.save(shard, tmp_path / f"consolidated.{i:02d}.pth")
-    assert_same_weights(W.load_meta(tmp_path).weights, tiny_weights)
+    assert_same_weights(load_meta(tmp_path).weights, tiny_weights)
 
 
 def test_load_hf_reads_sharded_index(tmp_path, tiny_weights):
     from safetensors.torch import save_file
 
-    W.save_hf(tmp_path, tiny_weights, TINY)
+    save_hf(tmp_path, tiny_weights, TINY)
     (tmp_path / "model.safetensors").unlink()
-    sd = W.to_hf_state_dict(tiny_weights, TINY)
+    sd = to_hf_state_dict(tiny_weights, TINY)
     files = {name: f"model-{1 + ('layers.1.' in name):05d}-of-00002.safetensors" for name in sd}
     for file in set(files.values()):
         save_file({n: t for n, t in sd.items() if files[n] == file}, tmp_path / file, metadata={"format": "pt"})
@@ -244,7 +259,7 @@ def test_load_checkpoint_hub_layout_goes_through_assets(tmp_path, tiny_weights, 
     repo = tmp_path / "repo"
     tokenizer = tmp_path / "tokenizer.model"
     tokenizer.write_text("stand-in\n")
-    W.save_meta(repo / "original", tiny_weights, TINY, tokenizer_path=tokenizer)
+    save_meta(repo / "original", tiny_weights, TINY, tokenizer_path=tokenizer)
     asked = []
 
     def fake_download(repo_id, filename, **kwargs):
@@ -268,7 +283,7 @@ def test_from_meta_params_llama3_8b_hidden_dim():
 @pytest.mark.parametrize("hidden_dim", [384, 512, 200], ids=["hidden_dim", "multiple_of_256", "scaled_down"])
 def test_save_meta_params_json_reproduces_hidden_dim(hidden_dim, tmp_path):
     config = TINY.replace(hidden_dim=hidden_dim, vocab_size=1000)
-    W.save_meta(tmp_path, W.random_weights(config), config)
+    save_meta(tmp_path, W.random_weights(config), config)
     params = json.loads((tmp_path / "params.json").read_text())
     assert from_meta_params(params) == config
     assert W.load_checkpoint(tmp_path).config == config
@@ -277,13 +292,13 @@ def test_save_meta_params_json_reproduces_hidden_dim(hidden_dim, tmp_path):
 def test_save_meta_refuses_rope_scaling_params_json_cannot_hold():
     # Meta's params.json carries only use_scaled_rope (+ a factor); tiny-scaled's original context of 32 is lost.
     with pytest.raises(ConfigError, match="params.json"):
-        W._meta_params(TINY_SCALED)
+        meta_params(TINY_SCALED)
 
 
 @pytest.mark.parametrize("spelling", ["rope_parameters", "rope_scaling"], ids=["transformers5", "transformers4"])
 def test_load_hf_reads_both_rope_spellings(spelling, tmp_path):
     config = TINY_SCALED.replace(vocab_size=1000)
-    W.save_hf(tmp_path, W.random_weights(config), config)
+    save_hf(tmp_path, W.random_weights(config), config)
     hf = json.loads((tmp_path / "config.json").read_text())
     if spelling == "rope_parameters":
         del hf["rope_scaling"], hf["rope_theta"]
@@ -296,16 +311,43 @@ def test_load_hf_reads_both_rope_spellings(spelling, tmp_path):
 def test_save_gguf_round_trips_llama31_rope_scaling(tmp_path):
     config = TINY_SCALED.replace(vocab_size=1000)
     weights = W.random_weights(config)
-    ck = W.load_checkpoint(W.save_gguf(tmp_path / "m.gguf", weights, config))
+    ck = W.load_checkpoint(save_gguf(tmp_path / "m.gguf", weights, config))
     assert ck.config == config
     assert_same_weights(ck.weights, weights)
+
+
+def _llama_cpp_rope_factors(config) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf.py (LlamaModel): the Llama 3.1 divisors it stores in rope_freqs.weight."""
+    s, dim = config.rope_scaling, config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    rope_factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            rope_factors.append(1)
+        elif wavelen > low_freq_wavelen:
+            rope_factors.append(s.factor)
+        else:
+            smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+                s.high_freq_factor - s.low_freq_factor)
+            rope_factors.append(1 / ((1 - smooth) / s.factor + smooth))
+    return torch.tensor(rope_factors, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("preset", ["tiny-scaled", "llama-3.1-8b", "llama-3.2-1b"])
+def test_gguf_rope_factors_are_llama_cpps(preset):
+    # Derived from impl.model's scaling (unscaled / scaled frequency); llama.cpp re-types the formula as a loop.
+    config = PRESETS[preset]
+    torch.testing.assert_close(llama3_rope_factors(config), _llama_cpp_rope_factors(config), rtol=1e-6, atol=0)
 
 
 def test_load_gguf_vocab_comes_from_token_list(tmp_path):
     config = TINY.replace(vocab_size=300)
     tokens = [f"t{i}" for i in range(300)]
-    path = W.save_gguf(tmp_path / "m.gguf", W.random_weights(config), config, tokens=tokens)
-    assert W.load_gguf(path).config == config
+    path = save_gguf(tmp_path / "m.gguf", W.random_weights(config), config, tokens=tokens)
+    assert load_gguf(path).config == config
 
 
 # ----------------------------------------------------------------------------- validation and errors
@@ -314,18 +356,18 @@ def test_validate_wrong_shape_names_tensor(tiny_weights):
     broken = dict(tiny_weights)
     broken["layers.1.attention.wk.weight"] = torch.zeros(64, 128)
     with pytest.raises(ShapeError, match=r"layers\.1\.attention\.wk\.weight.*\(64, 128\).*\(32, 128\)"):
-        W.validate(broken, TINY)
+        validate(broken, TINY)
 
 
 def test_validate_missing_tensor_names_it(tiny_weights):
     broken = {k: v for k, v in tiny_weights.items() if k != "layers.0.ffn_norm.weight"}
     with pytest.raises(ShapeError, match=r"layers\.0\.ffn_norm\.weight is missing"):
-        W.validate(broken, TINY)
+        validate(broken, TINY)
 
 
 def test_validate_unexpected_tensor_names_it(tiny_weights):
     with pytest.raises(ShapeError, match=r"unexpected tensor output\.weight"):
-        W.validate(tiny_weights, TINY.replace(tie_embeddings=True))
+        validate(tiny_weights, TINY.replace(tie_embeddings=True))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -333,7 +375,8 @@ def test_load_checkpoint_wrong_shape_is_shape_error(fmt, tmp_path, tiny_weights,
     broken = dict(tiny_weights)
     broken["layers.0.feed_forward.w2.weight"] = broken["layers.0.feed_forward.w2.weight"][:, :256].contiguous()
     with monkeypatch.context() as m:
-        m.setattr(W, "validate", lambda weights, config: None)  # the writers check too; let them write it
+        # The writers check too; let them write it.
+        m.setattr(f"impl.formats.{fmt}.validate", lambda weights, config: None)
         path = save(fmt, tmp_path, broken, TINY)
     with pytest.raises(ShapeError, match=r"layers\.0\.feed_forward\.w2\.weight has shape \(128, 256\)"):
         W.load_checkpoint(path)
@@ -362,7 +405,7 @@ def test_load_checkpoint_missing_file_is_asset_error(fmt, missing, tiny_saved, t
     folder = Path(shutil.copytree(tiny_saved[fmt], tmp_path / fmt))
     (folder / missing).unlink()
     with pytest.raises(AssetError, match=missing):
-        {"meta": W.load_meta, "hf": W.load_hf}[fmt](folder)
+        {"meta": load_meta, "hf": load_hf}[fmt](folder)
 
 
 def test_load_checkpoint_unknown_name_is_unknown_model_error():
@@ -389,7 +432,7 @@ def test_random_weights_scales(tiny_weights):
     emb, norm = tiny_weights["tok_embeddings.weight"], tiny_weights["layers.0.attention_norm.weight"]
     assert abs(emb.std().item() - 0.02) < 1e-4 and abs(emb.mean().item()) < 1e-4
     assert abs(norm.mean().item() - 1.0) < 0.02 and 0.08 < norm.std().item() < 0.12  # not all ones
-    assert list(tiny_weights) == list(W.expected_shapes(TINY))
+    assert list(tiny_weights) == list(expected_shapes(TINY))
 
 
 def test_sha256_of_weights_sees_names_dtypes_and_bytes():
@@ -418,7 +461,7 @@ def test_smollm2_gguf_config_matches_preset(smollm2):
 def test_smollm2_gguf_weights_match_transformers_gguf_reader(smollm2):
     path = Path(smollm2.tokenizer)
     reference = hf_model(path.parent, gguf_file=path.name).state_dict()
-    ours = W.to_hf_state_dict(smollm2.weights, smollm2.config)
+    ours = to_hf_state_dict(smollm2.weights, smollm2.config)
     assert sorted(ours) == sorted(k for k in reference if k != "lm_head.weight")
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
