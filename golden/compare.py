@@ -5,7 +5,8 @@ implementation's) and returns a `Report`. Metrics per stage follow llama.cpp and
 max-abs, relative (Frobenius) error, NMSE, cosine, the worst element; on logits also KL divergence
 and top-1 agreement. The first failing stage in forward order is *the* failure; later failures
 are marked as its consequences; stages an implementation does not report are "not checked",
-never "pass". It computes; golden.report renders (text, JSON, PNG) in one number format.
+never "pass", and make the verdict INCOMPLETE (or PARTIAL, where the user asked for a partial check).
+It computes; golden.report renders (text, JSON, PNG) in one number format.
 """
 
 from __future__ import annotations
