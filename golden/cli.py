@@ -1,11 +1,11 @@
 """`python -m golden ...`: record goldens, diff two of them (and, from the suite, check impl against one).
 
 This module only wires arguments: golden.check runs checks and diffs, golden.report renders them,
-golden.record records. Exit codes: 0 pass, 1 a check failed (drift beyond tolerance), 2 bad
-input. Every Llama3GoldenError is caught here and printed as one line `error: ...` on stderr;
-Ctrl-C prints `interrupted` (exit 130) and SIGTERM `terminated` (exit 143), after the `finally`
-blocks below have removed what a half-done recording wrote. Output files are checked for
-writability before any work.
+golden.record records. Exit codes: 0 a full pass (or a --partial check that passed), 1 a check failed or
+is incomplete (drift beyond tolerance, stages not reported), 2 bad input, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM). Every Llama3GoldenError is caught here and printed as one line `error: ...` on
+stderr; Ctrl-C prints `interrupted` and SIGTERM `terminated`, after the `finally` blocks below have removed
+what a half-done recording wrote. Output files are checked for writability before any work.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     d = check.diff(args.a, args.b)
-    print(report.format_diff(d.report, d.a.path, d.b.path))
+    print(report.format_diff(d.report, d.a.path, d.b.path, d.prompt_check))
     if args.json:
         report.write_json(report.diff_json(d.report, d.a.path, d.b.path), args.json)
     if args.plot:
@@ -56,7 +56,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
-    outcomes = check.check(args.golden, args.impl, dtypes)
+    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model)
     for o in outcomes:
         print(report.format_report(o))
     if args.json:
@@ -118,8 +118,8 @@ def cmd_record_baselines(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from golden.record import ATTN_IMPLEMENTATIONS, BASELINES, DATA_DIR
 
-    p = argparse.ArgumentParser(prog="python -m golden", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="python -m golden", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("record", help="run transformers on a prompt and write every stage to a golden folder")
     r.add_argument("--model", required=True, help="preset (tiny, tiny-scaled, smollm2-135m), meta-llama/... or path")
@@ -152,9 +152,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")
     c.add_argument("--plot", metavar="FILE.png", help="draw error against layer per stage, fp32 and bf16 side by side")
+    c.add_argument("--partial", action="store_true",
+                   help="check only the stages the implementation reports (logits required); default: all of them")
+    c.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="the model to run (default: the golden's, if it is a preset or an asset); needed for goldens "
+                        "of a local path or a Hub id, verified against the golden's weights digest")
     c.set_defaults(func=cmd_check)
 
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from golden.format import check_destination, destination, environment, write_golden
+from golden.format import ATTN_DERIVED, check_destination, destination, environment, write_golden
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError, PromptError, check_prompt
@@ -44,7 +44,7 @@ from impl.layout import DTYPES, rotate_half_to_interleaved
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 # Stages the recorder computes itself rather than reading from transformers, per attention.
-DERIVED = {"eager": ("scores",), "sdpa": ("scores", "probs")}
+DERIVED = ATTN_DERIVED
 
 
 # ---------------------------------------------------------------- the attention hook
@@ -208,7 +208,7 @@ def capture(hf_model, tokens: list[int], attn: str, progress: bool = False) -> d
     with bar, _hook_model(hf_model, rec):
         hf_model(input_ids=ids, use_cache=False)
     rec.put("logprobs_last", F.log_softmax(rec.tensors["logits"].float(), dim=-1))
-    keys = stages.all_keys(n_layers)
+    keys = stages.all_keys(n_layers)  # the writer checks these are stages.every_stage of the golden
     missing = [k for k in keys if k not in rec.tensors]
     if missing or len(rec.tensors) != len(keys):
         raise RuntimeError(f"recorder bug: missing stages {missing[:5]}, extra "

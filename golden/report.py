@@ -65,14 +65,14 @@ def _check_row(stage: str, rows: list[cmp.StageResult]) -> str:
     """`  q_rope   2/2   3.3e-07  L01   1.0e-04  pass`: the stage's worst layer measured against its limit."""
     checked = [x for x in rows if x.status != cmp.NOT_CHECKED]
     if not checked:
-        return f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not checked"
+        return f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not reported"
     worst = _worst_against_limit(checked)
     at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
     bad = [x for x in checked if x.status != cmp.PASS]
     status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
                                                            else "")
     if len(checked) < len(rows):
-        status += f", {len(rows) - len(checked)} not checked"
+        status += f", {len(rows) - len(checked)} not reported"
     return (f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {sci(worst.metrics.rel):>9} {at:>4}  "
             f"{sci(worst.limit):>8}  {status}")
 
@@ -83,12 +83,23 @@ def _logits_line(lg: cmp.LogitsCheck, tokenizer) -> str:
             f"{_decode(tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
 
 
-def _verdict_line(r: cmp.Report) -> str:
-    checked = r.checked
+def verdict_line(r: cmp.Report) -> str:
+    """`PASS: 43/43 stages within tolerance`, `FAIL: ...`, `INCOMPLETE: ...` or `PARTIAL: 10 of 43 stages ...`."""
+    checked, total, missing = r.checked, len(r.results), r.missing
     n_pass = sum(x.status == cmp.PASS for x in checked)
-    unreported = len(r.results) - len(checked)
-    return (f"  {'PASS' if r.passed else 'FAIL'}: {n_pass}/{len(checked)} stages within tolerance"
-            + (f", {unreported} not checked (not reported)" if unreported else ""))
+    verdict = r.verdict
+    if verdict == cmp.V_PASS:
+        return f"PASS: {n_pass}/{total} stages within tolerance"
+    if verdict == cmp.V_FAIL:
+        return (f"FAIL: {n_pass}/{len(checked)} stages within tolerance"
+                + (f", {len(missing)} of {total} not reported" if missing else ""))
+    if verdict == cmp.V_PARTIAL:
+        return (f"PARTIAL: {len(checked)} of {total} stages, all within tolerance (a partial check, as asked); "
+                f"not reported: {stages.summarize(missing)}")
+    need = ("; a partial check still needs logits" if r.partial and stages.LOGITS in missing
+            else "; report every stage, or check only the reported ones with --partial")
+    return (f"INCOMPLETE: {len(checked)} of {total} stages reported" + (", all within tolerance" if checked else "")
+            + f"; missing {stages.summarize(missing)}" + need)
 
 
 def format_report(o: Outcome) -> str:
@@ -96,8 +107,10 @@ def format_report(o: Outcome) -> str:
     r, g = o.report, o.golden
     m = g.manifest
     lines = [f"{g.path}: {g.model_name}, {g.dtype}, {len(g.tokens)} tokens, attention {m['attn_implementation']}, "
-             f"transformers {m.get('versions', {}).get('transformers', '?')}",
-             f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result"]
+             f"transformers {m.get('versions', {}).get('transformers', '?')}"]
+    if o.prompt_check:
+        lines.append(f"  prompt: {o.prompt_check}")
+    lines.append(f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result")
     lines += [_check_row(stage, rows) for stage, rows in _by_stage(r).items()]
     first = r.first_failure
     if first is not None:
@@ -106,7 +119,7 @@ def format_report(o: Outcome) -> str:
             lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
-    lines.append(_verdict_line(r))
+    lines.append("  " + verdict_line(r))
     return "\n".join(lines)
 
 
@@ -130,9 +143,9 @@ def _drift_line(report: cmp.Report) -> str:
     return f"no drift beyond tolerance ({len(report.checked)} stages)"
 
 
-def format_diff(report: cmp.Report, a: Path, b: Path) -> str:
+def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "") -> str:
     """One row per stage (worst layer), then the verdict naming the first drifting stage."""
-    lines = [f"diff {b} against {a} ({report.dtype})",
+    lines = [f"diff {b} against {a} ({report.dtype})"] + ([f"prompt: {prompt_check}"] if prompt_check else []) + [
              f"{'stage':<14} {'worst at':<22} {'rel':>9} {'max_abs':>9} {'cosine':>10} {'limit':>9}  status"]
     groups = _by_stage(report)
     for s in stages.STAGES:
@@ -160,7 +173,13 @@ def report_dict(report: cmp.Report) -> dict:
     first = report.first_failure
     return _finite_or_text({
         "dtype": report.dtype,
+        "verdict": report.verdict,
+        "summary": verdict_line(report),
         "passed": report.passed,
+        "partial": report.partial,
+        "stages_reported": len(report.checked),
+        "stages_total": len(report.results),
+        "missing": report.missing,
         "first_failure": first.key if first else None,
         "logits": asdict(report.logits) if report.logits else None,
         "stages": [asdict(r) for r in report.results],
@@ -170,7 +189,8 @@ def report_dict(report: cmp.Report) -> dict:
 
 def check_json(outcomes: list[Outcome]) -> list[dict]:
     """One entry per checked golden: its path, its model, and every stage's metrics."""
-    return [{"golden": str(o.golden.path), "model": o.golden.model_name, **report_dict(o.report)} for o in outcomes]
+    return [{"golden": str(o.golden.path), "model": o.golden.model_name, "prompt_check": o.prompt_check,
+             **report_dict(o.report)} for o in outcomes]
 
 
 def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
