@@ -62,6 +62,33 @@ class How:
     slow: bool = False
 
 
+HOW: dict[str, How] = {
+    "python3 -m venv .venv": How(exempt="creates the environment these tests run in"),
+    "pip install -q -e .": How(exempt="installs this package: the environment running these tests"),
+    'pip install -q -e ".[test]"': How(exempt="installs this package with test extras: the environment running "
+                                               "these tests"),
+    "python -m pytest -n auto": How(exempt="pytest: this very suite"),
+    "pytest --impl my_llama:forward": How(exempt="pytest: test_check_cli runs pytest --impl on a user module"),
+    "python -m golden check": How(shows="PASS: 43/43 stages within tolerance"),
+    "python -m impl fetch llama3-tokenizer smollm2-135m": How(shows="llama3-golden/smollm2-135m"),
+    "python -m golden check --impl my_llama:forward": How(shows="PASS: 43/43 stages within tolerance"),
+    "python -m golden check golden/data/smollm2-135m --impl my_llama:forward --plot err.png --json err.json":
+        How(shows="PASS: 547/547 stages within tolerance", files=("err.png", "err.json")),
+    'python -m impl tokenize "This is a test sentence."': How(shows="README"),
+    'python -m impl generate --model smollm2-135m --prompt "The capital of France is" --max-new-tokens 16':
+        How(shows="README"),
+    'python -m impl generate --model path/to/Meta-Llama-3-8B/original --prompt "..." --dtype bf16':
+        How(rewrite={"--model": "tiny"}),
+    'python -m golden record --model tiny --prompt "the answer to the ultimate question of life, the universe, and '
+    'everything is " --dtype fp32 --out my-golden': How(shows="wrote my-golden", files=("my-golden/manifest.json",)),
+    'python -m golden record --model meta-llama/Meta-Llama-3-8B --prompt "..." --dtype bf16 --out g8b --device-map '
+    'auto --offload-folder /tmp/off': How(rewrite={"--model": "tiny", "--offload-folder": "{tmp}/off"},
+                                          files=("g8b/manifest.json",)),
+    "python -m golden diff golden/data/tiny/fp32 my-golden": How(shows="no drift beyond tolerance (43 stages)",
+                                                                 needs_my_golden=True),
+    "python -m golden record-baselines": How(rewrite={"--out": "{tmp}/baselines"}, shows="total in", slow=True),
+}
+
 
 def _argv(cmd: str, how: How, tmp_path: Path) -> list[str]:
     argv = shlex.split(cmd)
