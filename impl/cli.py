@@ -81,14 +81,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_engines(args: argparse.Namespace) -> int:
     from impl import engines
 
-    engines.pinned()  # a bad LLAMA3_GOLDEN_ENGINE is bad input, said before measuring anything
+    pin = engines.pinned()  # a bad LLAMA3_GOLDEN_ENGINE is bad input, said before measuring anything
+    if pin and not args.remeasure and not engines.cache_file().is_file():
+        # A pinned process never reads the table: nothing to measure for it (run unpinned, or --remeasure).
+        print(f"{engines.ENV}={pin}: this process uses that engine wherever it supports the dtype (torch elsewhere); "
+              "no measured table for this machine yet")
+        return 0
     data = engines.table(remeasure=args.remeasure)
     if args.json:
-        print(json.dumps({k: v for k, v in data.items()}, indent=1))
+        print(json.dumps(data, indent=1))
     else:
         print(engines.describe(data))
-        if engines.pinned():
-            print(f"{engines.ENV}={engines.pinned()}: this process uses that engine wherever it supports the dtype")
+        if pin:
+            print(f"{engines.ENV}={pin}: this process uses that engine wherever it supports the dtype "
+                  "(torch elsewhere)")
     return 0
 
 

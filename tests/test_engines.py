@@ -146,3 +146,10 @@ def test_cli_engines_bad_pin_is_one_line_exit_2(monkeypatch, capsys):
     assert cli.main(["engines"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "fastest" in err
+
+
+def test_cli_engines_pinned_without_a_table_measures_nothing(cache, monkeypatch, capsys):
+    monkeypatch.setenv(engines.ENV, "numpy")
+    monkeypatch.setattr(engines, "measure", lambda *a, **k: pytest.fail("measured for a pinned process"))
+    assert cli.main(["engines"]) == 0
+    assert "LLAMA3_GOLDEN_ENGINE=numpy" in capsys.readouterr().out

@@ -79,6 +79,8 @@ HOW: dict[str, How] = {
         How(shows="README"),
     'python -m impl generate --model path/to/Meta-Llama-3-8B/original --prompt "..." --dtype bf16':
         How(rewrite={"--model": "tiny"}),
+    # The suite pins LLAMA3_GOLDEN_ENGINE: the command says so (and measures nothing into the user's cache).
+    "python -m impl engines": How(shows="LLAMA3_GOLDEN_ENGINE="),
     'python -m golden record --model tiny --prompt "the answer to the ultimate question of life, the universe, and '
     'everything is " --dtype fp32 --out my-golden': How(shows="wrote my-golden", files=("my-golden/manifest.json",)),
     'python -m golden record --model meta-llama/Meta-Llama-3-8B --prompt "..." --dtype bf16 --out g8b --device-map '
