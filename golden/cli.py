@@ -35,6 +35,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     outcomes = check.check(args.golden, args.impl, dtypes)
     for o in outcomes:
         print(report.format_report(o))
+    if len({o.golden.model_name for o in outcomes}) > 1:
+        print(report.format_summary(outcomes))
     if args.json:
         report.write_json(report.check_json(outcomes), args.json)
     if args.plot:
