@@ -80,8 +80,9 @@ def _check_row(stage: str, rows: list[cmp.StageResult]) -> str:
     worst = _worst_against_limit(checked)
     at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
     bad = [x for x in checked if x.status != cmp.PASS]
-    status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
-                                                           else "")
+    rules = sorted({x.rule for x in bad if x.rule and x.rule != "size"})  # say so where not (only) the size rule
+    notes = (["first"] if any(x.status == cmp.FAIL for x in bad) else []) + [f"rule: {r}" for r in rules]
+    status = "pass" if not bad else f"{len(bad)} fail" + (f" ({'; '.join(notes)})" if notes else "")
     if len(checked) < len(rows):
         status += f", {len(rows) - len(checked)} not checked"
     return (f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {sci(worst.metrics.rel):>9} {at:>4}  "
