@@ -82,12 +82,7 @@ def test_example_passes_the_core_goldens_without_literals(check_against, model):
         assert report.first_failure is None and report.logits.ok, f"{model} {dtype}: {report.first_failure}"
 
 
-# Until issue 9's branch (trust-verdicts) is merged: the example reports 9 kinds of stage, not attn_norm, where only
-# bf16's scale-bias rule sees eps; and ImplementationError does not yet name the user's file and line. Strict: at
-# that merge these pass, and the lead removes the marks.
-NEEDS_ISSUE_9 = pytest.mark.xfail(strict=True, reason="needs trust-verdicts (issue 9): remove this mark at its merge")
-DIVERGE_CASES = [pytest.param(h, d, id=f"{h}-{d}", marks=[NEEDS_ISSUE_9] if (h, d) == ("norm-eps-1e-05", "bf16")
-                              else []) for h in DIVERGES for d in ("fp32", "bf16")]
+DIVERGE_CASES = [pytest.param(h, d, id=f"{h}-{d}") for h in DIVERGES for d in ("fp32", "bf16")]
 
 
 @pytest.mark.parametrize(("hardcode", "dtype"), DIVERGE_CASES)
@@ -100,7 +95,6 @@ def test_hardcoded_constant_fails_its_default_golden(tmp_path, check_against, ha
     assert first.key == _first_reported_from(report, shows_at)
 
 
-@NEEDS_ISSUE_9
 @pytest.mark.parametrize("hardcode", list(CRASHES))
 def test_hardcoded_constant_that_crashes_names_the_file(tmp_path, check_against, hardcode):
     replacements, model = CRASHES[hardcode]
@@ -114,7 +108,7 @@ def test_hardcoded_constant_that_crashes_names_the_file(tmp_path, check_against,
 
 @pytest.mark.parametrize("hardcode", list(CRASHES))
 def test_hardcoded_constant_that_crashes_stops_the_check(tmp_path, check_against, hardcode):
-    """Until the file:line above: the crash is an ImplementationError (exit 2 at the CLI), never a pass."""
+    """The crash is an ImplementationError (exit 2 at the CLI), never a pass."""
     replacements, model = CRASHES[hardcode]
     fn, _ = _port(tmp_path, hardcode, replacements)
     with pytest.raises(ImplementationError, match="RuntimeError"):
