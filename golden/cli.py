@@ -59,6 +59,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model)
     for o in outcomes:
         print(report.format_report(o))
+    if len({o.golden.model_name for o in outcomes}) > 1:
+        print(report.format_summary(outcomes))
     if args.json:
         report.write_json(report.check_json(outcomes), args.json)
     if args.plot:
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("record", help="run transformers on a prompt and write every stage to a golden folder")
-    r.add_argument("--model", required=True, help="preset (tiny, tiny-scaled, smollm2-135m), meta-llama/... or path")
+    r.add_argument("--model", required=True, help="preset (tiny, tiny-varied, tiny-scaled, tiny-tied, smollm2-135m), "
+                   "meta-llama/... or path")
     r.add_argument("--prompt", required=True)
     r.add_argument("--dtype", required=True, choices=("fp32", "bf16"))
     r.add_argument("--attn", default="eager", choices=ATTN_IMPLEMENTATIONS)
@@ -147,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="run an implementation on a golden's weights and tokens; compare every stage")
     c.add_argument("golden", nargs="?", default=None,
-                   help="a golden folder or a folder of them (default: the committed tiny fp32 + bf16)")
+                   help="a golden folder or a folder of them (default: the committed tiny, tiny-varied, tiny-scaled "
+                        "and tiny-tied, fp32 + bf16)")
     c.add_argument("--impl", metavar="MODULE:CALLABLE", help="your implementation (trace protocol; default: impl)")
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")

@@ -80,6 +80,59 @@ def stage_metrics(actual: torch.Tensor, expected: torch.Tensor) -> Metrics:
 
 
 @dataclass(frozen=True)
+class ScaleBias:
+    """bf16's second rule at the RMSNorm outputs (golden.tolerances): the implementation's scale bias beyond the
+    reference's, B = <a - r, e> / <e, e>, against what bf16 rounding can produce, A; it fails when S = |B|/A > limit."""
+
+    s: float  # |B| / A
+    bias: float  # B: > 0 every row scaled up, < 0 scaled down (relative to the golden)
+    allowance: float  # A = rel_r + U * sqrt(sum_i w_i^2)
+    limit: float
+
+    @property
+    def ok(self) -> bool:
+        return self.s <= self.limit
+
+
+_ROWS_OVER_HEADS = frozenset({"scores", "probs"})  # (heads, queries, keys): a row is one query of one head
+
+
+def _rows(t: torch.Tensor, stage: str) -> torch.Tensor:
+    t = t.detach().to(torch.float64)
+    if t.dim() <= 1:
+        return t.reshape(1, -1)
+    return t.reshape(-1, t.shape[-1]) if stage in _ROWS_OVER_HEADS else t.reshape(t.shape[0], -1)
+
+
+def scale_bias(actual: torch.Tensor, expected: torch.Tensor, reference: torch.Tensor, stage: str = "",
+               limit: float = tolerances.SCALE_BIAS_LIMIT) -> ScaleBias:
+    """The scale-bias statistic of one bf16 stage (golden.tolerances explains it), in float64.
+
+    actual: the implementation's bf16 output; expected: the fp32 golden's (e); reference: the reference's bf16
+    golden (r). Rows are positions ((head, query) pairs for scores/probs); entries masked or non-finite on any
+    side are left out. S = inf on a shape mismatch (the size rule reports that one).
+    """
+    actual, expected, reference = (torch.as_tensor(x) for x in (actual, expected, reference))
+    if not (tuple(actual.shape) == tuple(expected.shape) == tuple(reference.shape)):
+        return ScaleBias(math.inf, math.nan, math.nan, limit)
+    a, e, r = _rows(actual, stage), _rows(expected, stage), _rows(reference, stage)
+    keep = torch.ones_like(e, dtype=torch.bool)
+    for x in (a, e, r):
+        keep &= torch.isfinite(x) & (x > MASKED_BELOW)
+    zero = torch.zeros((), dtype=torch.float64)
+    a, e, r = (torch.where(keep, x, zero) for x in (a, e, r))
+    row_ee = (e * e).sum(1)
+    ee = float(row_ee.sum())
+    if ee == 0.0:
+        return ScaleBias(0.0, 0.0, 0.0, limit)
+    bias = float(((a - r) * e).sum()) / ee
+    rel_r = float((r - e).norm()) / math.sqrt(ee)
+    allowance = rel_r + tolerances.SCALE_BIAS_UNIT * float((row_ee / ee).pow(2).sum().sqrt())
+    s = abs(bias) / allowance if allowance > 0 else (0.0 if bias == 0 else math.inf)
+    return ScaleBias(s, bias, allowance, limit)
+
+
+@dataclass(frozen=True)
 class LogitsCheck:
     kl: float  # KL(golden fp32 || implementation) at the last position
     kl_limit: float
@@ -103,6 +156,8 @@ class StageResult:
     limit: float  # the bound on metrics.rel that was applied
     ref_metrics: Metrics | None = None  # bf16: the reference's own error against the fp32 golden
     note: str = ""
+    scale_bias: ScaleBias | None = None  # bf16 at the RMSNorm outputs: the second rule
+    rule: str = ""  # which rule failed the stage: "size", "scale bias" or "size, scale bias"; "" if none
 
 
 @dataclass
@@ -188,8 +243,10 @@ def check_logits(expected: torch.Tensor, actual: torch.Tensor, reference: torch.
 
 
 def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str,
-          limit_for: Callable[[str, str], tuple[float, Metrics | None]]) -> Report:
-    """Every stage of `expected` in forward order; limit_for(key, stage) -> (bound on rel, reference metrics)."""
+          limit_for: Callable[[str, str], tuple[float, Metrics | None]],
+          bias_for: Callable[[str, str], ScaleBias | None] = lambda key, stage: None) -> Report:
+    """Every stage of `expected` in forward order; limit_for(key, stage) -> (bound on rel, reference metrics);
+    bias_for(key, stage) -> the scale-bias rule's result where it applies (bf16 norm outputs), else None."""
     results: list[StageResult] = []
     failed = False
     for key in forward_order(expected.keys()):
@@ -199,10 +256,12 @@ def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tenso
             continue
         m = stage_metrics(actual[key], expected[key])
         limit, ref_m = limit_for(key, stage)
-        ok = m.rel <= limit
-        status = PASS if ok else (CONSEQUENCE if failed else FAIL)
-        failed = failed or not ok
-        results.append(StageResult(key, layer, stage, status, m, limit, ref_m, m.problem))
+        sb = bias_for(key, stage) if not m.problem else None
+        fired = [name for name, bad in (("size", not m.rel <= limit), ("scale bias", sb is not None and not sb.ok))
+                 if bad]
+        status = PASS if not fired else (CONSEQUENCE if failed else FAIL)
+        failed = failed or bool(fired)
+        results.append(StageResult(key, layer, stage, status, m, limit, ref_m, m.problem, sb, ", ".join(fired)))
     return Report(dtype, results, None, sorted(k for k in actual if k not in expected))
 
 
@@ -212,7 +271,8 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
 
     dtype "fp32": relative error within the fp32 bound. dtype "bf16": `reference` is the
     reference's bf16 golden of the same model and prompt; the implementation's error against
-    the fp32 golden may be at most factor x the reference's own error (+ floor).
+    the fp32 golden may be at most factor x the reference's own error (+ floor), and at the RMSNorm
+    outputs its scale bias at most `bf16_scale_bias` x what rounding allows (golden.tolerances).
     """
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, not {dtype!r}")
@@ -226,7 +286,13 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
         ref_m = stage_metrics(reference[key], expected[key]) if key in reference else None
         return tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor, ref_m
 
-    report = _walk(expected, actual, dtype, limit_for)
+    def bias_for(key: str, stage: str) -> ScaleBias | None:
+        limit = tolerances.tolerance(stage).bf16_scale_bias
+        if dtype != "bf16" or limit is None or key not in reference:
+            return None
+        return scale_bias(actual[key], expected[key], reference[key], stage, limit)
+
+    report = _walk(expected, actual, dtype, limit_for, bias_for)
     report.partial = partial
     if "logits" in expected and "logits" in actual and actual["logits"].shape == expected["logits"].shape:
         ref_logits = reference["logits"] if reference is not None and "logits" in reference else None

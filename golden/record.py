@@ -345,13 +345,19 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
 # ---------------------------------------------------------------- the committed baselines
 WALKTHROUGH_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 SHORT_PROMPT = "The capital of France is"
+PANGRAM_PROMPT = "The quick brown fox jumps over the lazy dog."  # 11 tokens with BOS: not the walk-through's 17
 DATA_DIR = Path(__file__).parent / "data"
 # name -> (model, prompt, dtype); all eager. Regenerate with `python -m golden record-baselines`.
+# tiny, tiny-varied, tiny-scaled and tiny-tied are the main job's default set (golden.check.DEFAULT_SET).
 BASELINES: dict[str, tuple[str, str, str]] = {
     "tiny/fp32": ("tiny", WALKTHROUGH_PROMPT, "fp32"),
     "tiny/bf16": ("tiny", WALKTHROUGH_PROMPT, "bf16"),
+    "tiny-varied/fp32": ("tiny-varied", PANGRAM_PROMPT, "fp32"),
+    "tiny-varied/bf16": ("tiny-varied", PANGRAM_PROMPT, "bf16"),
     "tiny-scaled/fp32": ("tiny-scaled", WALKTHROUGH_PROMPT, "fp32"),
     "tiny-scaled/bf16": ("tiny-scaled", WALKTHROUGH_PROMPT, "bf16"),
+    "tiny-tied/fp32": ("tiny-tied", SHORT_PROMPT, "fp32"),
+    "tiny-tied/bf16": ("tiny-tied", SHORT_PROMPT, "bf16"),
     "smollm2-135m/fp32": ("smollm2-135m", SHORT_PROMPT, "fp32"),
     "smollm2-135m/bf16": ("smollm2-135m", SHORT_PROMPT, "bf16"),
 }

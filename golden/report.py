@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from golden import compare as cmp
+from golden import features
 from golden.check import Outcome
 from impl import stages
 from impl.errors import Llama3GoldenError
@@ -29,14 +30,29 @@ def sci(x: float) -> str:
 
 
 def describe(r: cmp.StageResult) -> str:
-    """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`."""
+    """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`.
+
+    Where bf16's scale-bias rule failed the stage, the line says so first (the size rule may have passed)."""
     m = r.metrics
-    return (f"{r.key}: rel {sci(m.rel)} > limit {sci(r.limit)}, max-abs {sci(m.max_abs)}, "
+    sb = r.scale_bias
+    size = f"rel {sci(m.rel)} {'<=' if m.rel <= r.limit else '>'} limit {sci(r.limit)}"
+    head = f"{r.key}: {size}"
+    if sb is not None and not sb.ok:
+        head = f"{r.key}: {describe_scale_bias(sb)}; {size}"
+    return (f"{head}, max-abs {sci(m.max_abs)}, "
             f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
             + (f", worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden {m.worst_expected:.6g}"
                if m.worst_index else "")
             + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
             + (f" ({r.note})" if r.note else ""))
+
+
+def describe_scale_bias(sb: cmp.ScaleBias) -> str:
+    """`scale bias 2.29 > limit 0.70 (rows scaled up by 1.2e-02 beyond the reference's, allowance 5.3e-03: ...)`."""
+    way = "up" if sb.bias > 0 else "down"
+    return (f"scale bias {sb.s:.2f} {'<=' if sb.ok else '>'} limit {sb.limit:.2f} (rows scaled {way} by "
+            f"{sci(abs(sb.bias))} on average beyond the reference's bf16 scale, allowance {sci(sb.allowance)}: "
+            f"a systematic error, e.g. RMSNorm's eps missing or wrong)")
 
 
 def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
@@ -69,8 +85,9 @@ def _check_row(stage: str, rows: list[cmp.StageResult]) -> str:
     worst = _worst_against_limit(checked)
     at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
     bad = [x for x in checked if x.status != cmp.PASS]
-    status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
-                                                           else "")
+    rules = sorted({x.rule for x in bad if x.rule and x.rule != "size"})  # say so where not (only) the size rule
+    notes = (["first"] if any(x.status == cmp.FAIL for x in bad) else []) + [f"rule: {r}" for r in rules]
+    status = "pass" if not bad else f"{len(bad)} fail" + (f" ({'; '.join(notes)})" if notes else "")
     if len(checked) < len(rows):
         status += f", {len(rows) - len(checked)} not reported"
     return (f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {sci(worst.metrics.rel):>9} {at:>4}  "
@@ -107,7 +124,8 @@ def format_report(o: Outcome) -> str:
     r, g = o.report, o.golden
     m = g.manifest
     lines = [f"{g.path}: {g.model_name}, {g.dtype}, {len(g.tokens)} tokens, attention {m['attn_implementation']}, "
-             f"transformers {m.get('versions', {}).get('transformers', '?')}"]
+             f"transformers {m.get('versions', {}).get('transformers', '?')}; checks "
+             f"{features.describe_feature(features.feature(g.config))}"]
     if o.prompt_check:
         lines.append(f"  prompt: {o.prompt_check}")
     lines.append(f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result")
@@ -117,9 +135,48 @@ def format_report(o: Outcome) -> str:
         lines.append(f"  FIRST FAILURE: {describe(first)}")
         if first.ref_metrics is not None:
             lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
+        note = features.rope_scaling_note(g.config, first.stage)
+        if note:
+            lines.append(f"    NOTE: {note}")
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
     lines.append("  " + verdict_line(r))
+    return "\n".join(lines)
+
+
+def _failed_at(r: cmp.Report) -> str:
+    first = r.first_failure
+    if first is not None:
+        return f"FAIL at {first.key}" + (f" ({r.dtype}, {first.rule})" if first.rule == "scale bias" else
+                                         f" ({r.dtype})")
+    if not r.passed:
+        return f"FAIL at logits ({r.dtype})"
+    return "PASS"
+
+
+def summary(outcomes: list[Outcome]) -> list[tuple[str, str, str]]:
+    """(feature, goldens, verdict) per feature, in the order first checked: `("core", "tiny, tiny-varied",
+    "PASS")`, `("3.1 rope scaling", "tiny-scaled", "FAIL at rope_cos (fp32)")`. A feature fails at its first
+    failing golden's first failing stage."""
+    groups: dict[str, list[Outcome]] = {}
+    for o in outcomes:
+        groups.setdefault(features.feature(o.golden.config), []).append(o)
+    rows = []
+    for label, group in groups.items():
+        names = list(dict.fromkeys(o.golden.model_name for o in group))
+        failed = [o for o in group if not o.report.passed]
+        verdict = "PASS" if not failed else _failed_at(failed[0].report) + (
+            f" on {failed[0].golden.model_name}" if len(names) > 1 else "")
+        rows.append((label, ", ".join(names), verdict))
+    return rows
+
+
+def format_summary(outcomes: list[Outcome]) -> str:
+    """The main job's last lines: per feature, which goldens check it and the verdict, then one line for all."""
+    rows = summary(outcomes)
+    lines = ["summary by feature:"]
+    lines += [f"  {features.describe_feature(label)} ({names}): {verdict}" for label, names, verdict in rows]
+    lines.append("  " + "; ".join(f"{label}: {verdict.split(' (')[0]}" for label, _, verdict in rows))
     return "\n".join(lines)
 
 
@@ -181,6 +238,7 @@ def report_dict(report: cmp.Report) -> dict:
         "stages_total": len(report.results),
         "missing": report.missing,
         "first_failure": first.key if first else None,
+        "first_failure_rule": first.rule if first else None,
         "logits": asdict(report.logits) if report.logits else None,
         "stages": [asdict(r) for r in report.results],
         "not_recorded": report.not_recorded,
@@ -189,8 +247,13 @@ def report_dict(report: cmp.Report) -> dict:
 
 def check_json(outcomes: list[Outcome]) -> list[dict]:
     """One entry per checked golden: its path, its model, and every stage's metrics."""
-    return [{"golden": str(o.golden.path), "model": o.golden.model_name, "prompt_check": o.prompt_check,
-             **report_dict(o.report)} for o in outcomes]
+    out = []
+    for o in outcomes:
+        first = o.report.first_failure
+        note = features.rope_scaling_note(o.golden.config, first.stage) if first is not None else None
+        out.append({"golden": str(o.golden.path), "model": o.golden.model_name, "prompt_check": o.prompt_check,
+                    "feature": features.feature(o.golden.config), "note": note, **report_dict(o.report)})
+    return out
 
 
 def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:

@@ -12,6 +12,19 @@ against transformers in fp32), plus `floor`. Two correct bf16 implementations ro
 places, so their errors differ by a small factor, not by orders of magnitude; real bugs (a wrong
 theta, a wrong head mapping, a skipped norm) are 10x-1000x the bf16 noise.
 
+bf16 has a second rule at the RMSNorm outputs (attn_norm, ffn_norm, norm): the scale bias. A systematic bug
+smaller than one bf16 rounding step (RMSNorm without eps, a wrong eps) scales every row one way; the size rule
+cannot see it, since it compares sizes only. The scale bias B = <a - r, e> / <e, e> (a: the implementation's
+bf16 output, r: the reference's bf16 output, e: the fp32 golden) is the error's projection on the golden beyond
+the reference's own; it is divided by what rounding can produce, A = rel_r + U * sqrt(sum_i w_i^2) (rel_r: the
+reference's own relative bf16 error; w_i = ||e_i||^2 / ||e||^2, the weight of row i; U = 2^-7: a bf16 run may
+round a row's scalars, e.g. mean(x^2) and its rsqrt, which scales the row by up to 2 x 2^-8). The stage fails
+when S = |B| / A exceeds the table's `bf16_scale_bias` (0.7). Calibrated on correct implementations only: the
+largest S of 21 correct and bf16-only implementations on the committed goldens was 0.349, so the limit is 2x
+that, rounded up. RMSNorm divides out the scale of its input, so the scale of its output is the norm's own, not
+inherited: that is why the rule is used there and nowhere else (deeper stages inherit scale, and one massive
+activation of a trained model can carry a whole tensor: correct implementations reached 2-4x the allowance).
+
 Logits also get llama.cpp's precision metrics: KL divergence of the softmax from the fp32
 golden's (bounded by `KL_FACTOR` x the reference's own bf16 KL plus `KL_FLOOR`) and top-1
 agreement (the predicted token must match the fp32 golden's unless the golden's own top two are
@@ -31,6 +44,7 @@ class Tolerance:
     bf16_factor: float  # bf16: error <= bf16_factor * reference's bf16 error + bf16_floor
     bf16_floor: float
     why: str
+    bf16_scale_bias: float | None = None  # bf16: the limit on S = |scale bias| / allowance; None: rule not used
 
 
 # fp32 noise grows with depth (each layer adds rounding and amplifies what came in): measured
@@ -59,6 +73,14 @@ TABLE.update({
                         "judge the distribution"),
     "logprobs_last": Tolerance(_FP32, _FACTOR, _FLOOR, "fp32 log_softmax of the logits"),
 })
+
+# The scale-bias rule (see the module docstring): its unit and limit, and the RMSNorm outputs it applies to.
+SCALE_BIAS_UNIT = 2.0 ** -7  # torch.finfo(torch.bfloat16).eps: two roundings of a row's scale, each <= 2^-8
+SCALE_BIAS_LIMIT = 0.7  # 2 x the largest S of the correct implementations (0.349), rounded up
+_NORM_WHY = ("RMSNorm output: size as any stage; in bf16 also its scale bias (the norm's own scale, not inherited), "
+             "so a missing or wrong eps, which scales every row by less than one bf16 step, is caught")
+for _name in ("attn_norm", "ffn_norm", "norm"):
+    TABLE[_name] = Tolerance(_FP32, _FACTOR, _FLOOR, _NORM_WHY, SCALE_BIAS_LIMIT)
 
 KL_FACTOR, KL_FLOOR = 4.0, 1e-4  # KL is quadratic in the logit error: a factor 2 in error is 4 in KL
 DIFF_BF16_REL = 5e-2  # two bf16 goldens of one model (after an upgrade): bf16 noise compounded over 30 layers

@@ -302,12 +302,23 @@ PRESETS: dict[str, ModelConfig] = {
                                 tie_embeddings=True),
     "tiny": ModelConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, hidden_dim=384,
                         norm_eps=1e-5, rope_theta=500000.0, max_seq_len=256),
-    # Llama 3.1 scaling with a short original context (32), so that the scaling visibly changes
-    # the angles on a 17-token prompt; with 8192 it would only touch frequencies too slow to matter there.
+    # Llama 3.1 scaling with a short original context (64), so that the scaling visibly changes the angles on a
+    # 17-token prompt and each of its three bands holds a frequency (head_dim 16, theta 500000: wavelengths 6.3,
+    # 32.5, 168, ... positions): 6.3 < 64/4 is kept, 32.5 in [64/4, 64/1] is blended, 168 > 64 is divided by 8.
+    # So a wrong factor, low_freq_factor, high_freq_factor or original context each changes rope_cos. With 8192
+    # the scaling would only touch frequencies too slow to matter on a short prompt.
     "tiny-scaled": ModelConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, hidden_dim=384,
                                norm_eps=1e-5, rope_theta=500000.0, max_seq_len=256,
                                rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                                        original_max_position_embeddings=32)),
+                                                        original_max_position_embeddings=64)),
+    # Llama 3 core with none of the 8B's literal constants, so a walk-through port that hard-codes one fails:
+    # GQA group 3 (not 4), theta 10000 (not 500000), eps 1e-6 (not 1e-5), a vocabulary padded to 128512 (the
+    # same Llama 3 tokenizer; not 128256), and (in its golden) a prompt that is not 17 tokens long.
+    "tiny-varied": ModelConfig(dim=96, n_layers=2, n_heads=6, n_kv_heads=2, vocab_size=128512, hidden_dim=256,
+                               norm_eps=1e-6, rope_theta=10000.0, max_seq_len=256),
+    # Tied embeddings as in Llama 3.2 (no output.weight: the token embedding is the unembedding).
+    "tiny-tied": ModelConfig(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=128256, hidden_dim=384,
+                             norm_eps=1e-5, rope_theta=500000.0, max_seq_len=256, tie_embeddings=True),
 }
 
 assert PRESETS["llama-3-8b"].hidden_dim == ffn_hidden_dim(4096, 1024, 1.3) == 14336

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 from impl import model
 
@@ -66,10 +67,68 @@ def fp64_compute(tokens, weights, config, trace):
     return model.forward(tokens, {k: v.double() for k, v in weights.items()}, config, trace=trace)
 
 
+def _rms_norm_torch(x, weight, eps):
+    """torch.nn.functional.rms_norm in the activation dtype (torch >= 2.4)."""
+    return F.rms_norm(x, (x.shape[-1],), weight.to(x.dtype), eps)
+
+
+def _probs_manual(scores):
+    """A softmax written out: max, exp and the row sum in the activation dtype (fp32 in an fp32 run)."""
+    ex = torch.exp(scores - scores.amax(-1, keepdim=True))
+    return ex / ex.sum(-1, keepdim=True)
+
+
+def _swiglu_splitk(x, w1, w3):
+    """Projections accumulated in 4 chunks of the input dimension, each partial sum rounded to the activation
+    dtype (a split-K kernel with low-precision accumulation)."""
+    def mm(x, w):
+        parts = [(xc.float() @ wc.float().T).to(x.dtype) for xc, wc in zip(x.chunk(4, -1), w.chunk(4, -1),
+                                                                               strict=True)]
+        return sum(parts[1:], parts[0])
+
+    return F.silu(mm(x, w1)), mm(x, w3)
+
+
+def _with(**replacements):
+    """impl's forward with seams of impl.model swapped for the duration of the call."""
+    def forward(tokens, weights, config, trace):
+        with contextlib.ExitStack() as stack:
+            for name, fn in replacements.items():
+                stack.enter_context(_swapped(name, fn))
+            return model.forward(tokens, weights, config, trace=trace)
+
+    return forward
+
+
+# ---------------------------------------------------------------- bf16-only: the user's precision, not a bug
+def _rms_norm_all_bf16(x, weight, eps):
+    """The walk-through's RMSNorm: mean of squares, eps and rsqrt all in bf16."""
+    xb = x.to(torch.bfloat16)
+    return (xb * torch.rsqrt(xb.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _probs_bf16_scores(scores):
+    """softmax over scores rounded to bf16 (the walk-through's `torch.nn.functional.softmax(scores, dim=1)` on bf16)."""
+    return F.softmax(scores.to(torch.bfloat16), dim=-1).type_as(scores)
+
+
 ALTERNATIVES = {
     "rope-like-transformers": rope_like_transformers,
     "norm-weight-in-fp32": norm_weight_in_fp32,
     "softmax-in-fp64": softmax_in_fp64,
     "fp32-compute": fp32_compute_from_given_weights,
     "fp64-compute": fp64_compute,
+    "norm-torch-rms_norm": _with(rms_norm=_rms_norm_torch),
+    "softmax-manual": _with(attention_probs=_probs_manual),
+    "swiglu-splitk": _with(swiglu_parts=_swiglu_splitk),
+}
+
+# Correct in a bf16 run (each step within bf16's own rounding: doing it in the requested precision is the user's
+# choice), real bugs in an fp32 run (a bf16 cast inside an fp32 computation). They must pass bf16 and fail fp32.
+# name -> (forward, the first stage an fp32 check names)
+BF16_ONLY = {
+    "norm-all-bf16": (_with(rms_norm=_rms_norm_all_bf16), "layers.0.attn_norm"),
+    "softmax-bf16-scores": (_with(attention_probs=_probs_bf16_scores), "layers.0.probs"),
+    "walkthrough-bf16": (_with(rms_norm=_rms_norm_all_bf16, attention_probs=_probs_bf16_scores,
+                               apply_rope=_rope_in_activation_dtype), "layers.0.attn_norm"),
 }

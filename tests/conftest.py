@@ -10,7 +10,7 @@ from golden import check as golden_check
 from golden.format import load_golden
 
 GOLDEN_DATA = Path(__file__).resolve().parent.parent / "golden" / "data"
-GOLDEN_MODELS = ("tiny", "tiny-scaled", "smollm2-135m")
+GOLDEN_MODELS = ("tiny", "tiny-varied", "tiny-scaled", "tiny-tied", "smollm2-135m")
 DTYPES = ("fp32", "bf16")
 
 

@@ -4,7 +4,9 @@ import pytest
 
 from examples.my_llama import forward as sketch_forward
 from golden import compare
-from tests.alternatives import ALTERNATIVES
+from golden.check import impl_forward
+from impl.config import PRESETS
+from tests.alternatives import ALTERNATIVES, BF16_ONLY
 from tests.conftest import DTYPES, GOLDEN_MODELS
 
 
@@ -29,3 +31,40 @@ def test_readme_example_reports_and_passes_every_stage(check_against, model, dty
 def test_readme_example_without_rope_scaling_fails_on_the_scaled_model(check_against):
     report = check_against(sketch_forward, "tiny-scaled", "fp32")
     assert report.first_failure.key == "rope_cos"
+
+
+BF16_ONLY_NAMES = list(BF16_ONLY)
+
+
+@pytest.mark.parametrize("model", GOLDEN_MODELS)
+@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+def test_bf16_only_alternative_passes_bf16(check_against, alternative, model):
+    report = check_against(BF16_ONLY[alternative][0], model, "bf16")
+    first = report.first_failure
+    assert first is None, f"false alarm in bf16 at {first.key} ({first.rule})"
+    assert report.logits.ok, f"false alarm on logits: {report.logits}"
+
+
+@pytest.mark.parametrize("model", GOLDEN_MODELS)
+@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+def test_bf16_only_alternative_fails_fp32_at_its_stage(check_against, alternative, model):
+    """A bf16 cast inside an fp32 computation is a bug in an fp32 run."""
+    fn, first_key = BF16_ONLY[alternative]
+    first = check_against(fn, model, "fp32").first_failure
+    assert first is not None, f"{alternative} passed fp32 on {model}"
+    assert first.key == first_key
+
+
+MARGIN_IMPLS = {"impl": impl_forward, **ALTERNATIVES, **{k: fn for k, (fn, _) in BF16_ONLY.items()}}
+
+
+@pytest.mark.parametrize("model", GOLDEN_MODELS)
+@pytest.mark.parametrize("alternative", list(MARGIN_IMPLS))
+def test_correct_bf16_stays_within_half_the_scale_bias_limit(check_against, alternative, model):
+    """The margin on the correct side: at every RMSNorm output, S <= limit / 2 (bugs: >= 2x, test_mutations.py)."""
+    report = check_against(MARGIN_IMPLS[alternative], model, "bf16")
+    rows = [r for r in report.results if r.scale_bias is not None]
+    assert len(rows) == 2 * PRESETS[model].n_layers + 1, "the rule must run at every norm output"
+    worst = max(rows, key=lambda r: r.scale_bias.s / r.scale_bias.limit)
+    assert worst.scale_bias.s <= 0.5 * worst.scale_bias.limit, (
+        f"{worst.key}: S {worst.scale_bias.s:.3f} > half the limit {worst.scale_bias.limit}")

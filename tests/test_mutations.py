@@ -9,6 +9,7 @@ precision the user asked for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -27,6 +28,22 @@ def _rms_norm_no_eps(x, weight, eps):
 def _rms_norm_in_bf16(x, weight, eps):
     xb = x.to(torch.bfloat16)
     return (xb * torch.rsqrt(xb.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def _rms_norm_eps(fixed):
+    """RMSNorm with a literal eps, whatever the model's config says (the walk-through writes 1e-05)."""
+    def rms_norm(x, weight, eps):
+        return _ORIG["rms_norm"](x, weight, fixed)
+
+    return rms_norm
+
+
+def _rope_scaling_with(**changes):
+    """Llama 3.1 rope scaling with one constant wrong (e.g. low_freq_factor 2 instead of the config's 1)."""
+    def scale(freqs, s):
+        return _ORIG["scale_rope_frequencies"](freqs, dataclasses.replace(s, **changes))
+
+    return scale
 
 
 def _rope_frequencies_theta_10000(config):
@@ -97,15 +114,32 @@ def _hf_layout_qk(weights, config):
 
 
 _ORIG = {name: getattr(model, name) for name in (
-    "rope_frequencies", "precompute_freqs_cis", "causal_mask", "swiglu_parts", "rms_norm")}
+    "rope_frequencies", "precompute_freqs_cis", "causal_mask", "swiglu_parts", "rms_norm", "scale_rope_frequencies")}
 
-# id -> (seam patched in impl.model, or None where the weights are mutated; replacement, golden model,
+# id -> (seam patched in impl.model, or None where the weights are mutated; replacement, golden model(s),
 #        expected first failing key, dtypes)
 FP32, BOTH = ("fp32",), ("fp32", "bf16")
+RANDOM_EPS_1E5 = ("tiny", "tiny-scaled", "tiny-tied")  # random embeddings (mean(x^2) ~ 4e-4), eps 1e-5
 MUTATIONS = {
-    # eps/mean(x^2) moves the tiny model's first norm by ~1.2%: 7x the fp32 bound, but inside 5x the bf16
-    # noise, so it is a bf16 miss by design (the fp32 run names it).
-    "rmsnorm-no-eps": ("rms_norm", _rms_norm_no_eps, "tiny", "layers.0.attn_norm", FP32),
+    # eps/mean(x^2) moves a random model's first norm by ~1.2%: 7x the fp32 bound but inside 5x the bf16 size
+    # noise; bf16's scale-bias rule sees it (2.6x-3.3x its limit). On SmolLM2 (trained embeddings: 0.04% per row)
+    # and on tiny-varied (eps 1e-6: 0.1%) only the fp32 check sees it (README, "How a check decides").
+    "rmsnorm-no-eps": ("rms_norm", _rms_norm_no_eps, RANDOM_EPS_1E5, "layers.0.attn_norm", BOTH),
+    "rmsnorm-no-eps-fp32": ("rms_norm", _rms_norm_no_eps, ("tiny-varied", "smollm2-135m"), "layers.0.attn_norm",
+                            FP32),
+    "rmsnorm-eps-1e-6-on-1e-5-model": ("rms_norm", _rms_norm_eps(1e-6), RANDOM_EPS_1E5, "layers.0.attn_norm", BOTH),
+    "rmsnorm-eps-1e-6-on-smollm2": ("rms_norm", _rms_norm_eps(1e-6), "smollm2-135m", "layers.0.attn_norm", FP32),
+    "rmsnorm-eps-1e-5-on-1e-6-model": ("rms_norm", _rms_norm_eps(1e-5), "tiny-varied", "layers.0.attn_norm", BOTH),
+    # tiny-scaled puts a frequency in each band of the scaling, so each constant shows (in fp32 and bf16).
+    "rope-scaling-low-freq-factor-2": ("scale_rope_frequencies", _rope_scaling_with(low_freq_factor=2.0),
+                                       "tiny-scaled", "rope_cos", BOTH),
+    "rope-scaling-high-freq-factor-2": ("scale_rope_frequencies", _rope_scaling_with(high_freq_factor=2.0),
+                                        "tiny-scaled", "rope_cos", BOTH),
+    "rope-scaling-factor-16": ("scale_rope_frequencies", _rope_scaling_with(factor=16.0), "tiny-scaled", "rope_cos",
+                               BOTH),
+    "rope-scaling-original-context-32": ("scale_rope_frequencies",
+                                         _rope_scaling_with(original_max_position_embeddings=32), "tiny-scaled",
+                                         "rope_cos", BOTH),
     "rmsnorm-in-bf16": ("rms_norm", _rms_norm_in_bf16, "tiny", "layers.0.attn_norm", FP32),
     "rope-wrong-pairing": (None, _hf_layout_qk, "tiny", "layers.0.q", BOTH),
     "rope-theta-10000": ("rope_frequencies", _rope_frequencies_theta_10000, "tiny", "rope_cos", BOTH),
@@ -121,11 +155,17 @@ MUTATIONS = {
     "tied-output-ignored": ("output_weight", _untied_output, "smollm2-135m", "logits", BOTH),
     "softmax-bf16-before-max": ("attention_probs", _probs_bf16_before_max, "smollm2-135m", "layers.0.probs", FP32),
 }
-CASES = [(m, d) for m, spec in MUTATIONS.items() for d in spec[4]]
+def _goldens(spec) -> tuple[str, ...]:
+    return (spec[2],) if isinstance(spec[2], str) else spec[2]
 
 
-def _run_mutant(monkeypatch, models, check_against, name, dtype):
-    target, replacement, golden_model, _, _ = MUTATIONS[name]
+CASES = [(m, g, d) for m, spec in MUTATIONS.items() for g in _goldens(spec) for d in spec[4]]
+IDS = [f"{m}-{d}" if isinstance(MUTATIONS[m][2], str) else f"{m}-{g}-{d}" for m, g, d in CASES]
+
+
+def _run_mutant(monkeypatch, models, check_against, name, dtype, golden_model=None):
+    target, replacement, _, _, _ = MUTATIONS[name]
+    golden_model = golden_model or _goldens(MUTATIONS[name])[0]
     ckpt, weights = models(golden_model, dtype)
     if target is None:
         mutated = replacement(weights, ckpt.config)
@@ -142,11 +182,11 @@ def _run_mutant(monkeypatch, models, check_against, name, dtype):
     return check_against(mutant, golden_model, dtype)
 
 
-@pytest.mark.parametrize(("mutation", "dtype"), CASES, ids=[f"{m}-{d}" for m, d in CASES])
-def test_mutation_is_caught_at_its_first_stage(monkeypatch, models, check_against, mutation, dtype):
-    report = _run_mutant(monkeypatch, models, check_against, mutation, dtype)
+@pytest.mark.parametrize(("mutation", "golden", "dtype"), CASES, ids=IDS)
+def test_mutation_is_caught_at_its_first_stage(monkeypatch, models, check_against, mutation, golden, dtype):
+    report = _run_mutant(monkeypatch, models, check_against, mutation, dtype, golden)
     first = report.first_failure
-    assert first is not None, f"{mutation} ({dtype}) passed every stage: the suite missed a real bug"
+    assert first is not None, f"{mutation} ({golden}, {dtype}) passed every stage: the suite missed a real bug"
     assert first.key == MUTATIONS[mutation][3], f"{mutation}: first failure named {first.key}"
     assert not report.passed
 
@@ -164,3 +204,28 @@ def test_mutations_patch_documented_seams_only():
     assert all(callable(getattr(model, name, None)) for name in seams), f"a listed seam is not in impl.model: {seams}"
     targets = {spec[0] for spec in MUTATIONS.values() if spec[0] is not None}
     assert targets <= seams, f"mutations patch undocumented functions: {sorted(targets - seams)}"
+
+
+BF16_CASES = [(m, g) for m, g, d in CASES if d == "bf16"]
+
+
+def _excess(first) -> float:
+    """How far past its limit the rule that failed the stage went (the larger where both failed)."""
+    size = first.metrics.rel / first.limit if first.limit > 0 else math.inf
+    bias = first.scale_bias.s / first.scale_bias.limit if first.scale_bias is not None else 0.0
+    return max(size if "size" in first.rule else 0.0, bias if "scale bias" in first.rule else 0.0)
+
+
+@pytest.mark.parametrize(("mutation", "golden"), BF16_CASES, ids=[f"{m}-{g}" for m, g in BF16_CASES])
+def test_bf16_mutation_fails_at_twice_its_limit(monkeypatch, models, check_against, mutation, golden):
+    """The margin on the bug side: a bug caught in bf16 is caught by at least 2x the limit of the rule that fired
+    (the correct side, at most half, is in test_alternatives.py)."""
+    first = _run_mutant(monkeypatch, models, check_against, mutation, "bf16", golden).first_failure
+    assert first is not None and first.key == MUTATIONS[mutation][3]
+    assert _excess(first) >= 2.0, f"{mutation} on {golden}: {first.rule} at only {_excess(first):.2f}x its limit"
+
+
+def test_eps_bugs_are_caught_in_bf16_by_the_scale_bias_rule(monkeypatch, models, check_against):
+    """RMSNorm without eps scales the rows by ~1.2%, inside bf16's size noise: the scale-bias rule is what fires."""
+    first = _run_mutant(monkeypatch, models, check_against, "rmsnorm-no-eps", "bf16", "tiny").first_failure
+    assert first.rule == "scale bias" and first.scale_bias.bias > 0  # every row scaled up

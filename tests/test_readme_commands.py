@@ -71,7 +71,9 @@ HOW: dict[str, How] = {
     "pytest --impl my_llama:forward": How(exempt="pytest: test_check_cli runs pytest --impl on a user module"),
     "python -m golden check": How(shows="PASS: 43/43 stages within tolerance"),
     "python -m impl fetch llama3-tokenizer smollm2-135m": How(shows="llama3-golden/smollm2-135m"),
-    "python -m golden check --impl my_llama:forward": How(shows="PASS: 43/43 stages within tolerance"),
+    # the example implements Llama 3 without 3.1's rope scaling: the default set says so, exit 1 (README)
+    "python -m golden check --impl my_llama:forward": How(
+        exit_code=1, shows="core: PASS; 3.1 rope scaling: FAIL at rope_cos; tied embeddings: PASS"),
     "python -m golden check golden/data/smollm2-135m --impl my_llama:forward --plot err.png --json err.json":
         How(shows="PASS: 547/547 stages within tolerance", files=("err.png", "err.json")),
     'python -m impl tokenize "This is a test sentence."': How(shows="README"),
