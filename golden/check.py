@@ -152,7 +152,13 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     """
     actual = run_implementation(fn, golden.tokens, weights, config)
     reference = golden.tensors if golden.dtype == "bf16" else None
-    return cmp.compare(truth.tensors, actual, golden.dtype, reference)
+    report = cmp.compare(truth.tensors, actual, golden.dtype, reference)
+    first = report.first_failure
+    if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
+        from golden.diagnose import diagnose
+
+        first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, first.limit)
+    return report
 
 
 # ---------------------------------------------------------------- check
@@ -161,6 +167,7 @@ class Outcome:
     golden: Golden  # the golden of the checked dtype
     report: cmp.Report
     tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
+    impl: str = "impl"  # the implementation checked, as the user named it (--impl), for titles
 
 
 def _load_tokenizer(spec):
@@ -192,7 +199,7 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
         report = check_golden(fn, g, truth, ckpt.config, weights)
         if ckpt.tokenizer not in tokenizers:
             tokenizers[ckpt.tokenizer] = _load_tokenizer(ckpt.tokenizer)
-        outcomes.append(Outcome(g, report, tokenizers[ckpt.tokenizer]))
+        outcomes.append(Outcome(g, report, tokenizers[ckpt.tokenizer], impl or "impl"))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes

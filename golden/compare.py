@@ -98,6 +98,7 @@ class StageResult:
     limit: float  # the bound on metrics.rel that was applied
     ref_metrics: Metrics | None = None  # bf16: the reference's own error against the fp32 golden
     note: str = ""
+    diagnosis: object = None  # golden.diagnose.Diagnosis, on the first failure (computed by golden.check)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pytest
 
 from golden import compare
 from golden.check import Outcome
-from golden.report import describe, format_report
+from golden.report import failure_message, format_report
 from impl import stages
 from impl.config import PRESETS
 from tests.conftest import DTYPES, GOLDEN_MODELS
@@ -31,7 +31,7 @@ def test_stage_matches_golden(reports, model, dtype, key):
         pytest.skip(f"NOT CHECKED: {key} is not reported by the implementation")
     if r.status == compare.CONSEQUENCE:
         pytest.xfail(f"consequence of the first failure at {report.first_failure.key}")
-    assert r.status == compare.PASS, "FIRST FAILING STAGE " + describe(r)
+    assert r.status == compare.PASS, "FIRST FAILING STAGE " + failure_message(r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
