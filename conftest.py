@@ -1,4 +1,5 @@
-"""Project-wide pytest options: `--impl module:callable` checks your own implementation."""
+"""Project-wide pytest options: `--impl module:callable` checks your own implementation, `--partial` only the
+stages it reports."""
 
 
 def pytest_addoption(parser):
@@ -8,4 +9,11 @@ def pytest_addoption(parser):
         default=None,
         metavar="MODULE:CALLABLE",
         help="run the golden checks against this implementation (trace protocol, see README) instead of impl",
+    )
+    parser.addoption(
+        "--partial",
+        action="store_true",
+        default=False,
+        help="check only the stages the implementation reports (logits still required); without it a stage "
+             "not reported fails",
     )

@@ -1,4 +1,4 @@
-"""A from-scratch Llama 3 in the trace protocol. Check it with
+"""A from-scratch Llama 3 in the trace protocol, reporting every stage. Check it with
 `python -m golden check --impl examples.my_llama:forward` or `pytest --impl examples.my_llama:forward`."""
 import torch
 from torch.nn.functional import silu
@@ -6,6 +6,10 @@ from torch.nn.functional import silu
 
 def forward(tokens, w, cfg, trace):
     seq, d, rep = len(tokens), cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
+
+    def put(name, x):  # report a stage, pass it on
+        trace(name, x)
+        return x
 
     def norm(x, g):
         return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + cfg.norm_eps)).type_as(x) * g
@@ -16,23 +20,27 @@ def forward(tokens, w, cfg, trace):
     def rope(x):  # (seq, heads, d): rotate interleaved pairs as complex numbers
         return torch.view_as_real(torch.view_as_complex(x.float().unflatten(-1, (-1, 2))) * cis[:, None]).flatten(-2)
 
-    x = w["tok_embeddings.weight"][tokens]
-    trace("embeddings", x)
+    trace("tokens", tokens)
+    trace("rope_cos", cis.real)
+    trace("rope_sin", cis.imag)
+    x = put("embeddings", w["tok_embeddings.weight"][tokens])
+    mask = torch.full((seq, seq), float("-inf")).triu(1)
     for i in range(cfg.n_layers):
         W = {k.removeprefix(f"layers.{i}."): v for k, v in w.items() if k.startswith(f"layers.{i}.")}
-        h = norm(x, W["attention_norm.weight"])
-        q = rope((h @ W["attention.wq.weight"].T).unflatten(-1, (cfg.n_heads, d))).type_as(x)
-        k = rope((h @ W["attention.wk.weight"].T).unflatten(-1, (cfg.n_kv_heads, d))).type_as(x)
-        v = (h @ W["attention.wv.weight"].T).unflatten(-1, (cfg.n_kv_heads, d))
-        trace(f"layers.{i}.q_rope", q)
-        scores = torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(rep, 1)) / d**0.5
-        probs = (scores + torch.full((seq, seq), float("-inf")).triu(1)).float().softmax(-1).type_as(x)
-        trace(f"layers.{i}.probs", probs)
-        x = x + torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(rep, 1)).flatten(1) @ W["attention.wo.weight"].T
-        h = norm(x, W["ffn_norm.weight"])
-        ffn = silu(h @ W["feed_forward.w1.weight"].T) * (h @ W["feed_forward.w3.weight"].T)
-        x = x + ffn @ W["feed_forward.w2.weight"].T
-        trace(f"layers.{i}.out", x)
-    x = norm(x, w["norm.weight"])
-    trace("norm", x)
-    trace("logits", x[-1] @ w.get("output.weight", w["tok_embeddings.weight"]).T)
+        L = f"layers.{i}."
+        h = put(L + "attn_norm", norm(put(L + "residual_in", x), W["attention_norm.weight"]))
+        q = put(L + "q", (h @ W["attention.wq.weight"].T).unflatten(-1, (cfg.n_heads, d)))
+        k = put(L + "k", (h @ W["attention.wk.weight"].T).unflatten(-1, (cfg.n_kv_heads, d)))
+        v = put(L + "v", (h @ W["attention.wv.weight"].T).unflatten(-1, (cfg.n_kv_heads, d)))
+        q, k = put(L + "q_rope", rope(q).type_as(x)), put(L + "k_rope", rope(k).type_as(x))
+        scores = put(L + "scores", torch.einsum("qhd,khd->hqk", q, k.repeat_interleave(rep, 1)) / d**0.5 + mask)
+        probs = put(L + "probs", scores.float().softmax(-1).type_as(x))
+        heads = put(L + "attn_heads", torch.einsum("hqk,khd->qhd", probs, v.repeat_interleave(rep, 1)))
+        x = put(L + "residual_attn", x + put(L + "attn_out", heads.flatten(1) @ W["attention.wo.weight"].T))
+        h = put(L + "ffn_norm", norm(x, W["ffn_norm.weight"]))
+        gate = put(L + "ffn_gate", silu(h @ W["feed_forward.w1.weight"].T))
+        ffn = put(L + "ffn_hidden", gate * put(L + "ffn_up", h @ W["feed_forward.w3.weight"].T))
+        x = put(L + "out", x + put(L + "ffn_out", ffn @ W["feed_forward.w2.weight"].T))
+    x = put("norm", norm(x, w["norm.weight"]))
+    logits = put("logits", x[-1] @ w.get("output.weight", w["tok_embeddings.weight"]).T)
+    trace("logprobs_last", logits.float().log_softmax(-1))

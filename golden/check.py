@@ -16,7 +16,11 @@ reference's own bf16 golden saying how much bf16 error is fair (golden.compare).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import inspect
+import os
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -25,7 +29,7 @@ from pathlib import Path
 import torch
 
 from golden import compare as cmp
-from golden.format import MANIFEST, Golden, GoldenError, check_same_model, load_golden
+from golden.format import MANIFEST, Golden, GoldenError, check_same_model, dtype_name, load_golden
 from impl import stages
 from impl.errors import Llama3GoldenError
 
@@ -69,15 +73,23 @@ def load_callable(spec: str | None) -> Implementation:
 
 # ---------------------------------------------------------------- the goldens
 def golden_set(path: str | Path | None) -> list[Golden]:
-    """A golden folder, or a folder of them (e.g. golden/data/tiny with fp32/ and bf16/)."""
+    """A golden folder, or a folder of them (e.g. golden/data/tiny with fp32/ and bf16/).
+
+    Dot-folders are skipped: `.fp32.tmp-*` / `.fp32.old-*` are a writer's temp folders (golden.format).
+    """
     path = Path(path) if path is not None else DEFAULT_GOLDEN
     if (path / MANIFEST).is_file():
         return [load_golden(path)]
     if path.is_dir():
-        subs = sorted(p for p in path.iterdir() if (p / MANIFEST).is_file())
+        subs = _golden_folders(path)
         if subs:
             return [load_golden(p) for p in subs]
     raise GoldenError(f"{path}: not a golden folder (no {MANIFEST} in it or in its subfolders)")
+
+
+def _golden_folders(folder: Path) -> list[Path]:
+    """The golden folders in folder, by name; not dot-folders (a writer's temp or old folders)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p / MANIFEST).is_file())
 
 
 def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
@@ -87,8 +99,8 @@ def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
 
 def _siblings(golden: Golden) -> Iterator[Golden]:
     """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
-    for p in sorted(golden.path.parent.iterdir()):
-        if p != golden.path and (p / MANIFEST).is_file():
+    for p in _golden_folders(golden.path.parent):
+        if p != golden.path:
             yield load_golden(p)
 
 
@@ -102,57 +114,175 @@ def fp32_truth(golden: Golden, loaded: list[Golden]) -> Golden | None:
     return next((g for g in candidates if _is_truth_of(g, golden)), None)
 
 
-# ---------------------------------------------------------------- running
-def load_model_for(golden: Golden, dtype: torch.dtype):
-    """impl's loader on the golden's model, verified to be the model the golden was recorded for."""
+# ---------------------------------------------------------------- the model
+def _known_model(name: str) -> bool:
+    """Names a golden may ask check to load on its own word: impl's presets and the fetch registry's assets
+    (small, pinned, sha256-verified). Paths and Hub ids are loaded only when the user names them (--model)."""
+    from impl import assets
+    from impl.weights import RANDOM_PRESETS
+
+    return name in RANDOM_PRESETS or name in assets.ASSETS
+
+
+def load_model_for(golden: Golden, dtype: torch.dtype, model: str | None = None):
+    """impl's loader on the golden's model (or `model`, given by the user), verified to be the model the golden
+    was recorded for. A golden naming a path or a Hub id is refused unless the user passes the model."""
     from impl.weights import load_checkpoint, sha256_of_weights
 
+    name = golden.model_name if model is None else str(model)
+    if model is None and not _known_model(name):
+        raise GoldenError(f"{golden.path}: recorded for model {name[:80]!r}, which check loads only when you name it: "
+                          f"pass --model NAME_OR_PATH (a preset, an asset, or your copy of that model)")
     # As stored (dtype None), like the recorder: the same digest, and no fp32 copy of a bf16 checkpoint.
-    ckpt = load_checkpoint(golden.model_name, dtype=None)
-    check_same_model(golden, ckpt.config, sha256_of_weights(ckpt.weights), golden.model_name)
+    ckpt = load_checkpoint(name, dtype=None)
+    check_same_model(golden, ckpt.config, sha256_of_weights(ckpt.weights), name)
     return ckpt, {k: v.to(dtype) for k, v in ckpt.weights.items()}  # .to is a no-op where the dtype matches
 
 
-def _normalise(name: str, tensor, config, seq: int) -> torch.Tensor:
-    """One reported stage as the golden holds it: a known name, no batch dim of 1, logits of the last position."""
+# ---------------------------------------------------------------- running the user's code
+COPY_LIMIT_BYTES = 4 << 30  # weights up to this size are copied per call; larger ones are verified by digest after
+
+
+def _user_file(fn: Implementation) -> str | None:
+    """The source file of the implementation (its function, or the module of a callable object)."""
+    target = inspect.unwrap(fn) if callable(fn) else fn
+    for candidate in (target, type(target)):
+        try:
+            return os.path.realpath(inspect.getsourcefile(candidate) or "")
+        except TypeError:
+            continue
+    return None
+
+
+def _where(exc: BaseException, user_file: str | None) -> str:
+    """`my_llama.py:23`: the innermost frame in the user's file, else the innermost frame of all."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if user_file and os.path.realpath(f.filename) == user_file]
+    frame = (mine or frames or [None])[-1]
+    if frame is None:
+        return "?"
+    path = frame.filename
+    rel = os.path.relpath(path) if os.path.isabs(path) else path
+    return f"{rel if not rel.startswith('..') else path}:{frame.lineno}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
+    """A reported value as a plain dense real tensor on the CPU, or ImplementationError saying what it is."""
+    if isinstance(tensor, torch.Tensor):
+        t = tensor
+    else:
+        try:
+            t = torch.as_tensor(tensor)
+        except Exception:
+            raise ImplementationError(f"reported {name} as a {type(tensor).__name__}, not a tensor") from None
+    if t.is_meta:
+        raise ImplementationError(f"reported {name} as a meta tensor (it holds no data): report the computed tensor")
+    if t.layout != torch.strided:
+        raise ImplementationError(f"reported {name} as a {t.layout} tensor: report a dense one (x.to_dense())")
+    if t.is_complex():
+        raise ImplementationError(f"reported {name} as a complex tensor ({dtype_name(t.dtype)}): report real values "
+                                  f"(interleaved pairs: torch.view_as_real(x).flatten(-2))")
+    if t.dtype == torch.bool or t.is_quantized:
+        raise ImplementationError(f"reported {name} as a {dtype_name(t.dtype)} tensor: report numbers")
+    return t.detach().cpu()
+
+
+def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
+    """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
+    logits of the last position."""
+    if not isinstance(name, str):
+        raise ImplementationError(f"reported a stage named {name!r}: stage names are strings like 'layers.0.q'")
     try:
-        stages.parse(name)
+        layer, _ = stages.parse(name)
     except KeyError:
-        raise ImplementationError(f"the implementation reported an unknown stage {name!r}") from None
-    t = torch.as_tensor(tensor).detach()
+        raise ImplementationError(f"reported an unknown stage {name[:80]!r} (the names: impl/stages.py)") from None
+    if layer is not None and layer >= config.n_layers:
+        raise ImplementationError(f"reported {name}, a stage outside the model: it has {config.n_layers} layers "
+                                  f"(layers.0 to layers.{config.n_layers - 1})")
+    if name in seen:
+        raise ImplementationError(f"traced {name} twice: report each stage once per forward; a per-head loop "
+                                  f"stacks its heads and reports them in one call, e.g. trace(name, "
+                                  f"torch.stack(heads, dim=1)) for (seq, h, d), dim=0 for scores/probs (h, seq, seq)")
+    t = _as_stage_tensor(name, tensor)
     expected = stages.expected_shape(name, config, seq)
     if tuple(t.shape) == (1, *expected):  # a batch of one
         t = t[0]
-    if name in ("logits", "logprobs_last") and tuple(t.shape[-2:]) == (seq, *expected):
+    if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
         t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
     return t.clone()
 
 
+def _weight_digests(weights) -> dict[str, str]:
+    out = {}
+    for name, t in weights.items():
+        out[name] = hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    return out
+
+
 def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
-    """Call fn under the trace protocol; returns the reported stages (detached copies)."""
+    """Call fn under the trace protocol; returns the reported stages (detached copies).
+
+    The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
+    still interrupts) becomes one ImplementationError naming its file and line and the last stage it
+    traced; it gets copies of the weights (or, above COPY_LIMIT_BYTES, the weights with their digest
+    checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
+    error even if the user's code catches it.
+    """
     seen: dict[str, torch.Tensor] = {}
+    errors: list[ImplementationError] = []
+    seq = len(tokens)
 
-    def trace(name: str, tensor: torch.Tensor) -> None:
-        seen[name] = _normalise(name, tensor, config, len(tokens))
+    def trace(name, tensor) -> None:
+        if errors:
+            raise errors[0]
+        try:
+            seen[name] = _normalise(name, tensor, config, seq, seen)
+        except ImplementationError as e:
+            errors.append(e)
+            raise
 
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
+    given = dict(weights) if digests is not None else {k: v.clone() for k, v in weights.items()}
     try:
         with torch.inference_mode():
-            fn(torch.tensor(tokens, dtype=torch.long), weights, config, trace)
-    except Llama3GoldenError:
+            fn(torch.tensor(tokens, dtype=torch.long), given, config, trace)
+    except KeyboardInterrupt:
         raise
-    except Exception as e:  # the user's code failed: say where, in one line
-        raise ImplementationError(f"the implementation raised {e.__class__.__name__}: {e}") from None
+    except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
+        if errors and e is errors[0]:
+            raise errors[0] from None
+        last = next(reversed(seen), None) if seen else None
+        what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
+                else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
+        raise ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
+                                  f"(last stage traced: {last or 'none'})") from None
+    if errors:  # a bad trace call the user's code caught and went on from
+        raise errors[0]
+    if digests is not None:
+        changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
+        if changed:
+            raise ImplementationError(f"the implementation wrote into the weights it was given ({changed[0]}"
+                                      + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                                      + "): weights are read-only inputs, copy before modifying")
     return seen
 
 
-def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights) -> cmp.Report:
+def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
+                 ) -> cmp.Report:
     """Run fn on the golden's tokens and compare every stage with the fp32 truth.
 
-    bf16: the reference's own bf16 error (golden against truth) sets each stage's limit.
+    bf16: the reference's own bf16 error (golden against truth) sets each stage's limit. Stages fn does not
+    report make the verdict INCOMPLETE, or PARTIAL when `partial`.
     """
     actual = run_implementation(fn, golden.tokens, weights, config)
     reference = golden.tensors if golden.dtype == "bf16" else None
-    report = cmp.compare(truth.tensors, actual, golden.dtype, reference)
+    report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
     first = report.first_failure
     if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
         from golden.diagnose import diagnose
@@ -161,33 +291,73 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     return report
 
 
+# ---------------------------------------------------------------- the tokenizer, offline
+def tokenizer_on_disk(spec) -> Path | None:
+    """Where the tokenizer `spec` (an asset name or a path, as a Checkpoint names it) already lies on disk,
+    or None. Never fetches: the check runs offline."""
+    from impl import assets
+
+    if spec is None:
+        return None
+    name = str(spec)
+    if name in assets.ASSETS:
+        folder = assets.cache_dir() / name
+        return folder if all((folder / m.filename).is_file() for m in assets.ASSETS[name]) else None
+    path = Path(name)
+    return path if path.exists() else None
+
+
+def load_tokenizer_offline(spec):
+    """(tokenizer or None, why not): the tokenizer if it is on disk and loads."""
+    path = tokenizer_on_disk(spec)
+    if path is None:
+        hint = f" (python -m impl fetch {spec})" if isinstance(spec, str) and "/" not in spec else ""
+        return None, f"tokenizer {spec} is not on disk{hint}" if spec is not None else "no tokenizer with the model"
+    try:
+        from impl.tokenizer import load_tokenizer
+
+        return load_tokenizer(path), ""
+    except Exception as e:  # a broken tokenizer file: the check of the prompt cannot run, and says why
+        return None, f"tokenizer {path} does not load ({e.__class__.__name__})"
+
+
+def verify_prompt(golden: Golden, tokenizer, why_not: str = "") -> str:
+    """The golden's prompt must tokenize to its tokens. Returns what was found, for the report:
+    'tokenizes to the 17 tokens' or 'not re-tokenized: <why>'; GoldenError where they disagree."""
+    if tokenizer is None:
+        return f"not re-tokenized: {why_not}"
+    try:
+        ids = [int(t) for t in tokenizer.encode(golden.manifest["prompt"], bos=True)]
+    except Exception as e:
+        raise GoldenError(f"{golden.path / MANIFEST}: the prompt does not tokenize ({e.__class__.__name__})") from None
+    if ids != golden.tokens:
+        pairs = zip(ids, golden.tokens, strict=False)
+        i = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ids), len(golden.tokens)))
+        raise GoldenError(f"{golden.path / MANIFEST}: the prompt tokenizes to {len(ids)} tokens that differ from the "
+                          f"golden's {len(golden.tokens)} at position {i} (edited prompt or tokens)")
+    return f"tokenizes to the golden's {len(ids)} tokens"
+
+
 # ---------------------------------------------------------------- check
 @dataclass
 class Outcome:
     golden: Golden  # the golden of the checked dtype
     report: cmp.Report
     tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
+    prompt_check: str = ""  # 'tokenizes to ...' or 'not re-tokenized: why'
     impl: str = "impl"  # the implementation checked, as the user named it (--impl), for titles
 
 
-def _load_tokenizer(spec):
-    """The checkpoint's tokenizer, loaded once for a report; None where there is none (the ids are the fact)."""
-    if spec is None:
-        return None
-    try:
-        from impl.tokenizer import load_tokenizer
-
-        return load_tokenizer(spec)
-    except Exception:  # the text is a nicety: a tokenizer that does not load only costs the report its text
-        return None
-
-
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
-          fn: Implementation | None = None) -> list[Outcome]:
-    """Check an implementation against every golden of a set, fp32 first."""
+          fn: Implementation | None = None, partial: bool = False, model: str | None = None) -> list[Outcome]:
+    """Check an implementation against every golden of a set, fp32 first.
+
+    `model`: the model to load instead of the one the golden names (needed for goldens of a path or a Hub
+    id). `partial`: check only what the implementation reports (it must still report logits).
+    """
     fn = fn or load_callable(impl)
     goldens = golden_set(path)
-    tokenizers: dict[object, object] = {}  # tokenizer spec -> loaded tokenizer: one load per spec
+    tokenizers: dict[object, tuple] = {}  # tokenizer spec -> (loaded tokenizer, why not): one load per spec
     outcomes = []
     for g in sorted(goldens, key=lambda g: g.dtype != "fp32"):
         if g.dtype not in dtypes:
@@ -195,11 +365,16 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
         truth = g if g.dtype == "fp32" else fp32_truth(g, goldens)
         if truth is None:
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
-        ckpt, weights = load_model_for(g, g.torch_dtype)
-        report = check_golden(fn, g, truth, ckpt.config, weights)
-        if ckpt.tokenizer not in tokenizers:
-            tokenizers[ckpt.tokenizer] = _load_tokenizer(ckpt.tokenizer)
-        outcomes.append(Outcome(g, report, tokenizers[ckpt.tokenizer], impl or "impl"))
+        if truth.manifest["prompt"] != g.manifest["prompt"]:
+            raise GoldenError(f"{g.path}: recorded on another prompt than its fp32 golden {truth.path}")
+        ckpt, weights = load_model_for(g, g.torch_dtype, model)
+        key = str(ckpt.tokenizer)
+        if key not in tokenizers:
+            tokenizers[key] = load_tokenizer_offline(ckpt.tokenizer)
+        tok, why_not = tokenizers[key]
+        prompt_check = verify_prompt(g, tok, why_not)
+        report = check_golden(fn, g, truth, ckpt.config, weights, partial)
+        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl"))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes
@@ -213,6 +388,9 @@ def diff_goldens(a: Golden, b: Golden) -> cmp.Report:
     (two bf16 recordings of one model, e.g. before and after an upgrade).
     """
     check_same_model(b, a.config, a.weights_sha256, name=f"{a.model_name} of {a.path}")
+    if a.manifest["prompt"] != b.manifest["prompt"]:
+        raise GoldenError(f"{b.path}: recorded on another prompt than {a.path}; goldens of different prompts cannot "
+                          f"be diffed")
     if a.tokens != b.tokens:
         raise GoldenError(f"{b.path}: recorded on other tokens than {a.path} ({len(b.tokens)} vs {len(a.tokens)} "
                           f"tokens); goldens of different prompts cannot be diffed")
@@ -226,9 +404,24 @@ class Diff:
     a: Golden  # expected
     b: Golden  # compared against a
     report: cmp.Report
+    prompt_check: str = ""
+
+
+def tokenizer_of(model_name: str):
+    """The tokenizer a golden's model name implies without loading the model: the presets' asset, an asset."""
+    from impl import assets
+    from impl.weights import RANDOM_PRESETS, TOKENIZER_ASSET
+
+    if model_name in RANDOM_PRESETS:
+        return TOKENIZER_ASSET
+    return str(assets.cache_dir() / model_name) if model_name in assets.ASSETS else None
 
 
 def diff(a: str | Path, b: str | Path) -> Diff:
-    """Load two golden folders and diff b against a."""
+    """Load two golden folders and diff b against a (both of one model and prompt, which must tokenize to
+    their tokens where the tokenizer is on disk)."""
     ga, gb = load_golden(a), load_golden(b)
-    return Diff(ga, gb, diff_goldens(ga, gb))
+    tok, why_not = load_tokenizer_offline(tokenizer_of(ga.model_name))
+    verify_prompt(ga, tok, why_not)
+    prompt_check = verify_prompt(gb, tok, why_not)
+    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check)

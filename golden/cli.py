@@ -1,26 +1,49 @@
 """`python -m golden ...`: record goldens, diff two of them (and, from the suite, check impl against one).
 
 This module only wires arguments: golden.check runs checks and diffs, golden.report renders them,
-golden.record records. Exit codes: 0 pass, 1 a check failed (drift beyond tolerance), 2 bad
-input. Every Llama3GoldenError is caught here and printed as one line `error: ...` on stderr.
+golden.record records. Exit codes: 0 a full pass (or a --partial check that passed), 1 a check failed or
+is incomplete (drift beyond tolerance, stages not reported), 2 bad input, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM). Every Llama3GoldenError is caught here and printed as one line `error: ...` on
+stderr; Ctrl-C prints `interrupted` and SIGTERM `terminated`, after the `finally` blocks below have removed
+what a half-done recording wrote. Output files are checked for writability before any work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from impl.errors import Llama3GoldenError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that every `finally` and context manager on the
+    way out runs (temp folders, the recorder's temp HF copy, locks) and code that lets Ctrl-C through
+    lets this through too."""
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --plot: writable, and a plot format we write, before any work is done."""
+    from golden import report
+
+    if getattr(args, "plot", None):
+        report.plot_format(args.plot)
+    for option in ("json", "plot"):
+        if getattr(args, option, None):
+            report.check_writable(getattr(args, option), f"--{option}")
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from golden import check, report
 
+    _check_outputs(args)
     d = check.diff(args.a, args.b)
-    print(report.format_diff(d.report, d.a.path, d.b.path))
+    print(report.format_diff(d.report, d.a.path, d.b.path, d.prompt_check))
     if args.json:
         report.write_json(report.diff_json(d.report, d.a.path, d.b.path), args.json)
     if args.plot:
@@ -31,8 +54,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from golden import check, report
 
+    _check_outputs(args)
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
-    outcomes = check.check(args.golden, args.impl, dtypes)
+    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model)
     for o in outcomes:
         print(report.format_report(o))
     if args.json:
@@ -56,10 +80,24 @@ def _device_map(value: str | None):
 def cmd_record(args: argparse.Namespace) -> int:
     from golden.record import record
 
-    out = record(args.model, args.prompt, args.dtype, args.attn, args.out, device_map=_device_map(args.device_map),
+    device_map = _device_map(args.device_map)
+    if args.offload_folder:
+        _check_folder(args.offload_folder, "--offload-folder")
+    out = record(args.model, args.prompt, args.dtype, args.attn, out=args.out, device_map=device_map,
                  offload_folder=args.offload_folder, progress=not args.quiet)
     print(f"wrote {out} ({_size(out) / 1e6:.2f} MB)")
     return 0
+
+
+def _check_folder(folder: str, option: str) -> None:
+    """A folder to write into: an existing folder, or one that can be created."""
+    p = Path(folder)
+    if p.exists() and not p.is_dir():
+        raise Llama3GoldenError(f"{option} {folder}: exists and is not a folder")
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise Llama3GoldenError(f"{option} {folder}: cannot be created ({p} is not a folder)")
 
 
 def _size(folder: Path) -> int:
@@ -80,8 +118,8 @@ def cmd_record_baselines(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from golden.record import ATTN_IMPLEMENTATIONS, BASELINES, DATA_DIR
 
-    p = argparse.ArgumentParser(prog="python -m golden", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="python -m golden", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("record", help="run transformers on a prompt and write every stage to a golden folder")
     r.add_argument("--model", required=True, help="preset (tiny, tiny-scaled, smollm2-135m), meta-llama/... or path")
@@ -114,15 +152,70 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")
     c.add_argument("--plot", metavar="FILE.png", help="draw error against layer per stage, fp32 and bf16 side by side")
+    c.add_argument("--partial", action="store_true",
+                   help="check only the stages the implementation reports (logits required); default: all of them")
+    c.add_argument("--model", metavar="NAME_OR_PATH",
+                   help="the model to run (default: the golden's, if it is a preset or an asset); needed for goldens "
+                        "of a local path or a Hub id, verified against the golden's weights digest")
     c.set_defaults(func=cmd_check)
 
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated for as long as the command runs (main thread only, as signal needs)."""
+    def handler(signum, frame):
+        raise Terminated
+
     try:
-        return args.func(args)
-    except Llama3GoldenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _unencodable_escaped() -> Iterator[None]:
+    """Print what stdout/stderr cannot encode as backslash escapes (a path with undecodable bytes under
+    PYTHONIOENCODING=utf-8:strict, a C locale) instead of failing with UnicodeEncodeError."""
+    restore = []
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and getattr(stream, "errors", None) in ("strict", None):
+            with contextlib.suppress(Exception):  # an exotic stream keeps its settings
+                stream.reconfigure(errors="backslashreplace")
+                restore.append((stream, "strict"))
+    try:
+        yield
+    finally:
+        for stream, errors in restore:
+            with contextlib.suppress(Exception):
+                stream.reconfigure(errors=errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    with _unencodable_escaped():
+        args = build_parser().parse_args(argv)
+        with _sigterm_raises():
+            try:
+                return args.func(args)
+            except Llama3GoldenError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return exc.exit_code
+            except Terminated:
+                print("terminated", file=sys.stderr)
+                return 143
+            except KeyboardInterrupt:
+                print("interrupted", file=sys.stderr)
+                return 130

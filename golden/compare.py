@@ -5,7 +5,8 @@ implementation's) and returns a `Report`. Metrics per stage follow llama.cpp and
 max-abs, relative (Frobenius) error, NMSE, cosine, the worst element; on logits also KL divergence
 and top-1 agreement. The first failing stage in forward order is *the* failure; later failures
 are marked as its consequences; stages an implementation does not report are "not checked",
-never "pass". It computes; golden.report renders (text, JSON, PNG) in one number format.
+never "pass", and make the verdict INCOMPLETE (or PARTIAL, where the user asked for a partial check).
+It computes; golden.report renders (text, JSON, PNG) in one number format.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from golden import tolerances
 from impl import stages
 
 PASS, FAIL, CONSEQUENCE, NOT_CHECKED = "pass", "FAIL", "consequence", "not checked"
+# Verdicts. PASS: every stage the golden holds was reported and is within tolerance. INCOMPLETE: none
+# failed, but stages are missing (exit 1). PARTIAL: the user asked for a partial check (--partial), logits
+# were reported, and every reported stage passed (exit 0). FAIL: a stage or the logits check failed.
+V_PASS, V_FAIL, V_INCOMPLETE, V_PARTIAL = "PASS", "FAIL", "INCOMPLETE", "PARTIAL"
 MASKED_BELOW = -1e4  # values at or below this count as masked (-inf)
 
 
@@ -107,14 +112,31 @@ class Report:
     results: list[StageResult]
     logits: LogitsCheck | None = None
     not_recorded: list[str] = field(default_factory=list)  # in the implementation, not in the golden
+    partial: bool = False  # the user asked to check only the stages the implementation reports
 
     @property
     def first_failure(self) -> StageResult | None:
         return next((r for r in self.results if r.status == FAIL), None)
 
     @property
+    def missing(self) -> list[str]:
+        """Stages the golden holds that the implementation did not report, in forward order."""
+        return [r.key for r in self.results if r.status == NOT_CHECKED]
+
+    @property
+    def verdict(self) -> str:
+        if self.first_failure is not None or (self.logits is not None and not self.logits.ok):
+            return V_FAIL
+        if not self.missing:
+            return V_PASS
+        if self.partial and self.checked and stages.LOGITS not in self.missing:
+            return V_PARTIAL
+        return V_INCOMPLETE
+
+    @property
     def passed(self) -> bool:
-        return self.first_failure is None and (self.logits is None or self.logits.ok)
+        """PASS, or PARTIAL where the user asked for a partial check: exit 0."""
+        return self.verdict in (V_PASS, V_PARTIAL)
 
     @property
     def checked(self) -> list[StageResult]:
@@ -186,7 +208,7 @@ def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tenso
 
 
 def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str = "fp32",
-            reference: Mapping[str, torch.Tensor] | None = None) -> Report:
+            reference: Mapping[str, torch.Tensor] | None = None, partial: bool = False) -> Report:
     """Check `actual` against the fp32 golden `expected`, every stage the golden holds.
 
     dtype "fp32": relative error within the fp32 bound. dtype "bf16": `reference` is the
@@ -206,6 +228,7 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
         return tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor, ref_m
 
     report = _walk(expected, actual, dtype, limit_for)
+    report.partial = partial
     if "logits" in expected and "logits" in actual and actual["logits"].shape == expected["logits"].shape:
         ref_logits = reference["logits"] if reference is not None and "logits" in reference else None
         report.logits = check_logits(expected["logits"], actual["logits"], ref_logits)

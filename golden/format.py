@@ -14,14 +14,17 @@ rename), so a crash never leaves a half-written golden under the final name.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from impl.errors import Llama3GoldenError
 from impl.layout import DTYPES  # a golden's dtype names: "fp32" | "bf16"
 
 FORMAT = "llama3-golden"
-VERSION = 1
+VERSION = 2  # 2: manifest_sha256, exactly every stage of the model, reserved decode/rows
 MANIFEST = "manifest.json"
 ACTIVATIONS = "activations.safetensors"
 
@@ -49,7 +52,12 @@ LAYOUT = {
     "logits": "last position",
 }
 
-_REQUIRED = ("model", "dtype", "attn_implementation", "prompt", "tokens", "stages", "activations_sha256")
+_REQUIRED = ("format", "version", "model", "dtype", "attn_implementation", "prompt", "tokens", "derived", "layout",
+             "versions", "stages", "activations_sha256", "manifest_sha256")
+# Reserved in version 2 for decode steps (issue 12); absent or null in a plain prefill golden.
+_OPTIONAL = frozenset({"decode"})
+# Attention implementation -> the stages the recorder computes itself rather than reading from transformers.
+ATTN_DERIVED = {"eager": ("scores",), "sdpa": ("scores", "probs")}
 # CPU features that change which kernels (and so which rounding) torch picks.
 _NUMERIC_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
                   "amx_bf16", "amx_fp16", "amx_int8", "amx_tile", "asimd", "sve", "bf16")
@@ -157,17 +165,181 @@ def _dumps(manifest: Mapping[str, Any]) -> str:
     return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text) + "\n"
 
 
+# ---------------------------------------------------------------- writing: the destination
+# A write goes through a temp folder `.<name>.tmp-*` beside the target; a golden it replaces is first
+# moved into `.<name>.old-*`. A run killed in between (SIGKILL, power) leaves those behind: the next
+# write into the same folder, under the lock, restores or removes them (`recover`). Readers skip
+# dot-folders (golden.check.golden_set), so a leftover is never taken for a golden.
+_HELD: set[Path] = set()  # destinations this process holds the lock of (the lock is re-entrant)
+
+
+def _has_golden_manifest(folder: Path) -> bool:
+    """True if folder/manifest.json is a manifest of this format (any version: re-recording is how an older
+    golden is upgraded), whatever else lies beside it."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _others(folder: Path) -> list[str]:
+    """What folder holds besides a golden's two files."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST, ACTIVATIONS))
+
+
+def _is_golden_content(folder: Path) -> bool:
+    """True if `folder` is a golden of this format and holds nothing else: the only kind of folder a write
+    may replace."""
+    try:
+        return folder.is_dir() and not _others(folder) and _has_golden_manifest(folder)
+    except OSError:
+        return False
+
+
+def _leftovers(folder: Path, kind: str) -> list[Path]:
+    """The `.<name>.tmp-*` or `.<name>.old-*` folders beside folder."""
+    prefix = f".{folder.name}.{kind}-"
+    return sorted(p for p in folder.parent.iterdir()
+                  if p.name.startswith(prefix) and p.is_dir() and not p.is_symlink())
+
+
+def check_destination(folder: str | os.PathLike) -> Path:
+    """Refuse, in one line and before any work, a destination that a write could not or must not replace.
+
+    A write replaces `folder` only if it is missing, empty, or a golden of this format holding nothing
+    else; anything else (a file, another tool's folder, a golden with the user's notes beside it) is
+    refused, never deleted. The nearest existing parent must be a folder this process can write in.
+    """
+    folder = Path(folder)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
+    if folder.is_dir():
+        try:
+            empty = not any(folder.iterdir())
+        except OSError as e:
+            raise GoldenError(f"{folder}: cannot read it ({e.strerror})") from None
+        if not empty and not _is_golden_content(folder):
+            others = _others(folder)
+            if others and _has_golden_manifest(folder):
+                raise GoldenError(f"{folder}: a golden, but it also holds {', '.join(others[:3])}"
+                                  f"{', ...' if len(others) > 3 else ''}; refusing to overwrite it (move them away)")
+            raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
+    parent = folder.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GoldenError(f"{folder}: cannot be created ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GoldenError(f"{folder}: cannot be created ({parent} is not writable)")
+    return folder
+
+
+def recover(folder: str | os.PathLike) -> None:
+    """Clean up after a write into `folder` that was killed: put back a golden left as `.<name>.old-*/<name>`
+    when `folder` is missing, then remove the leftover temp and old folders. Only folders holding what a
+    write puts there are removed. Call it only while holding the destination's lock (`destination`)."""
+    folder = Path(folder)
+    olds = _leftovers(folder, "old")
+    if not folder.exists():
+        for old in olds:
+            if _is_golden_content(old / folder.name):
+                os.rename(old / folder.name, folder)
+                break
+    for tmp in _leftovers(folder, "tmp"):
+        if {p.name for p in tmp.iterdir()} <= {MANIFEST, ACTIVATIONS}:  # what a write puts there, nothing else
+            shutil.rmtree(tmp)
+    for old in olds:
+        inside = list(old.iterdir())
+        if not inside or (len(inside) == 1 and inside[0].name == folder.name and _is_golden_content(inside[0])):
+            shutil.rmtree(old)
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p folder's parent; returns the folders it created, deepest first."""
+    made, p = [], folder.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+@contextlib.contextmanager
+def destination(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold `folder` for writing: checked (`check_destination`), locked against a concurrent writer
+    (flock on `.<name>.lock` beside it), and cleaned of a killed run's leftovers (`recover`).
+
+    A second writer of the same folder, in this or another process, is refused in one line. Re-entrant
+    within a process, so `record` can hold it across the forward pass and `write_golden` inside it.
+    """
+    folder = Path(os.path.abspath(folder))
+    if folder in _HELD:
+        yield folder
+        return
+    check_destination(folder)
+    made = _make_parents(folder)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    try:
+        fd = _lock(lock_path, folder)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    _HELD.add(folder)
+    ok = False
+    try:
+        recover(folder)
+        check_destination(folder)  # again: what recover put back, or what appeared before the lock was taken
+        yield folder
+        ok = True
+    finally:
+        _HELD.discard(folder)
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # before closing: a writer that opened the old file then finds it unlinked
+        os.close(fd)
+        if not ok:
+            _remove_empty(made)
+
+
+def _lock(lock_path: Path, folder: Path) -> int:
+    """An exclusive flock on lock_path, or GoldenError if another process holds it."""
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise GoldenError(f"{folder}: another process is writing this golden (it holds {lock_path}); "
+                              f"wait for it to finish") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder unlinked it as we locked it: take the new file
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
 def write_golden(folder: str | os.PathLike, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> Path:
     """Write a golden folder atomically; returns its path.
 
     `manifest` holds the identity fields (model, dtype, attn_implementation, prompt, tokens,
     derived, versions); this function adds format, version, layout, the stage list (from
     `tensors`, in its order) and the tensor file's sha256. An existing golden at `folder` is
-    replaced; an existing folder that is not a golden is refused.
+    replaced; anything else there is refused (`check_destination`). A concurrent writer of the same
+    folder is refused; an interrupted write (any exception, SIGINT/SIGTERM turned into one) leaves the
+    folder as it was and no temp folder behind.
     """
     folder = Path(folder)
-    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / MANIFEST).exists())):
-        raise GoldenError(f"{folder}: exists and is not a golden folder; refusing to overwrite it")
     blob = _tensor_bytes(tensors)
     full = {
         **manifest,
@@ -177,24 +349,136 @@ def write_golden(folder: str | os.PathLike, manifest: Mapping[str, Any], tensors
         "stages": [{"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in tensors.items()],
         "activations_sha256": hashlib.sha256(blob).hexdigest(),
     }
-    text = _dumps(full)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    full["manifest_sha256"] = manifest_digest(full)
+    _check_writable(folder, full, tensors)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a golden is data to share
-        (tmp / ACTIVATIONS).write_bytes(blob)
-        (tmp / MANIFEST).write_text(text, encoding="utf-8")
-        old = None
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        text = _dumps(full).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GoldenError(f"{folder}: the manifest holds text that is not valid Unicode "
+                          f"({e.object[e.start:e.end]!a}); refusing to write it") from None
+    with destination(folder):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a golden is data to share
+            (tmp / ACTIVATIONS).write_bytes(blob)
+            (tmp / MANIFEST).write_bytes(text)
+            _commit(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone after a commit; the half-written folder otherwise
+    return folder
+
+
+def _commit(tmp: Path, folder: Path) -> None:
+    """Put the complete golden `tmp` in place of `folder`: two renames; the old golden comes back if the
+    second never happens (an exception here; a SIGKILL is repaired by the next write's `recover`)."""
+    old = None
+    if folder.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+    try:
+        if old is not None:
             os.rename(folder, old / folder.name)
         os.rename(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists() and (old / folder.name).exists():
+            os.rename(old / folder.name, folder)
         raise
-    return folder
+    finally:
+        if old is not None and folder.exists():  # else it holds the only copy: the next write restores it
+            shutil.rmtree(old, ignore_errors=True)
+
+
+RERECORD = ("re-record it with `python -m golden record --model MODEL --prompt PROMPT --dtype DTYPE --out FOLDER` "
+            "(the committed baselines: `python -m golden record-baselines`)")
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of every manifest field but `manifest_sha256` itself."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _rerecord_hint(manifest: Mapping[str, Any], folder: Path) -> str:
+    """The record command for this golden, spelled out where the old manifest says what it was."""
+    model, prompt, dtype = manifest.get("model"), manifest.get("prompt"), manifest.get("dtype")
+    name = model.get("name") if isinstance(model, dict) else None
+    if isinstance(name, str) and isinstance(prompt, str) and dtype in DTYPES and "\n" not in prompt + name:
+        return (f"re-record it with `python -m golden record --model {shlex.quote(name)} "
+                f"--prompt {shlex.quote(prompt)} --dtype {dtype} --out {shlex.quote(str(folder))}` "
+                f"(the committed baselines: `python -m golden record-baselines`)")
+    return RERECORD
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_sha(x: Any) -> bool:
+    return isinstance(x, str) and re.fullmatch(r"[0-9a-f]{64}", x) is not None
+
+
+def _field_problem(manifest: Mapping[str, Any]) -> str | None:
+    """The first malformed field, as 'field: what is wrong', or None."""
+    def kind(x: Any) -> str:
+        return "null" if x is None else type(x).__name__
+
+    model = manifest["model"]
+    if not isinstance(model, dict):
+        return f"model: a JSON object expected, got {kind(model)}"
+    for k, ok, what in (("name", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+                        ("config", lambda v: isinstance(v, dict), "a JSON object"),
+                        ("weights_sha256", _is_sha, "64 lowercase hex digits"),
+                        ("source", lambda v: isinstance(v, str), "a string")):
+        if not ok(model.get(k)):
+            return f"model.{k}: {what} expected, got {kind(model.get(k))}"
+    checks = (
+        ("attn_implementation", lambda v: v in ATTN_DERIVED, f"one of {', '.join(ATTN_DERIVED)}"),
+        ("prompt", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+        ("tokens", lambda v: isinstance(v, list) and v != [] and all(_is_int(t) for t in v),
+         "a non-empty list of integers"),
+        ("stages", lambda v: isinstance(v, list) and all(isinstance(e, dict) for e in v), "a list of objects"),
+        ("derived", lambda v: isinstance(v, list) and all(isinstance(e, str) for e in v), "a list of strings"),
+        ("layout", lambda v: v == LAYOUT, f"{LAYOUT}"),
+        ("versions", lambda v: isinstance(v, dict), "a JSON object"),
+        ("activations_sha256", _is_sha, "64 lowercase hex digits"),
+        ("manifest_sha256", _is_sha, "64 lowercase hex digits"),
+    )
+    for k, ok, what in checks:
+        if not ok(manifest[k]):
+            value = manifest[k]
+            return f"{k}: {what} expected, got " + (repr(value) if k in ("attn_implementation", "layout")
+                                                     else kind(value))
+    for i, entry in enumerate(manifest["stages"]):
+        name, shape, dtype = entry.get("name"), entry.get("shape"), entry.get("dtype")
+        if not isinstance(name, str):
+            return f"stages[{i}].name: a string expected, got {kind(name)}"
+        if not (isinstance(shape, list) and all(_is_int(n) and n >= 0 for n in shape)):
+            return f"stages[{i}] ({name}).shape: a list of sizes expected, got {shape!r}"[:200]
+        if not isinstance(dtype, str):
+            return f"stages[{i}] ({name}).dtype: a string expected, got {kind(dtype)}"
+        if entry.get("rows") is not None:
+            return f"stages[{i}] ({name}).rows: sampled rows are not supported by this version (null expected)"
+        unknown = sorted(set(entry) - {"name", "shape", "dtype", "rows"})
+        if unknown:
+            return f"stages[{i}] ({name}): unknown field {unknown[0]!r}"
+    if manifest["derived"] != list(ATTN_DERIVED[manifest["attn_implementation"]]):
+        return (f"derived: {manifest['derived']} does not go with attention {manifest['attn_implementation']} "
+                f"(which derives {list(ATTN_DERIVED[manifest['attn_implementation']])})")
+    return None
+
+
+def _check_writable(folder: Path, manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """The writer refuses what the reader would refuse: a golden is whole or not written."""
+    missing = [k for k in _REQUIRED if k not in manifest]
+    problem = f"missing {', '.join(missing)}" if missing else _field_problem(manifest)
+    if problem:
+        raise GoldenError(f"{folder}: cannot write golden: {problem}")
+    config = ModelConfig.from_dict(manifest["model"]["config"])
+    where = f"{folder}: cannot write golden"
+    _check_tokens(where, manifest, config)
+    _check_stage_set(where, list(tensors), config, len(manifest["tokens"]), _options(manifest))
+    if tensors["tokens"].tolist() != manifest["tokens"]:
+        raise GoldenError(f"{where}: the tokens tensor does not hold the manifest's tokens")
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -203,20 +487,73 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise GoldenError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise GoldenError(f"{path}: not a golden manifest (JSON nested too deeply)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise GoldenError(f"{path}: unreadable ({e.__class__.__name__})") from None
     if not isinstance(manifest, dict):
         raise GoldenError(f"{path}: not a golden manifest (a JSON object expected)")
     if manifest.get("format") != FORMAT:
-        raise GoldenError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    if manifest.get("version") != VERSION:
-        raise GoldenError(f"{path}: format version {manifest.get('version')!r}, this reader reads version {VERSION}")
+        raise GoldenError(f"{path}: format {str(manifest.get('format'))[:40]!r} is not {FORMAT!r}")
+    version = manifest.get("version")
+    if version != VERSION:
+        if _is_int(version) and version < VERSION:
+            raise GoldenError(f"{path}: golden format version {version} is older than this reader's {VERSION}; "
+                              + _rerecord_hint(manifest, folder))
+        raise GoldenError(f"{path}: format version {str(version)[:20]}, this reader reads version {VERSION}")
     missing = [k for k in _REQUIRED if k not in manifest]
     if missing:
         raise GoldenError(f"{path}: missing {', '.join(missing)}")
+    unknown = sorted(set(manifest) - set(_REQUIRED) - _OPTIONAL)
+    if unknown:
+        raise GoldenError(f"{path}: unknown field {unknown[0][:40]!r}")
     if manifest["dtype"] not in DTYPES:
-        raise GoldenError(f"{path}: dtype {manifest['dtype']!r} is not fp32 or bf16")
+        raise GoldenError(f"{path}: dtype {str(manifest['dtype'])[:20]!r} is not fp32 or bf16")
+    problem = _field_problem(manifest)
+    if problem:
+        raise GoldenError(f"{path}: {problem}")
+    try:
+        digest = manifest_digest(manifest)
+    except ValueError:  # NaN or infinity somewhere: not what the writer writes
+        raise GoldenError(f"{path}: holds a NaN or infinite number") from None
+    if digest != manifest["manifest_sha256"]:
+        raise GoldenError(f"{path}: content does not match its manifest_sha256 (edited after recording); "
+                          + _rerecord_hint(manifest, folder))
     return manifest
+
+
+def _options(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: manifest.get(k) for k in _OPTIONAL}
+
+
+def _check_stage_set(where: str, names: list[str], config: ModelConfig, seq: int, options: Mapping[str, Any]) -> None:
+    """A golden holds exactly every stage of its model (impl.stages.every_stage), in forward order."""
+    try:
+        expected = stages.every_stage(config, seq, options)
+    except ValueError as e:
+        raise GoldenError(f"{where}: {e}") from None
+    for name in names:
+        try:
+            layer, _ = stages.parse(name)
+        except KeyError:
+            raise GoldenError(f"{where}: unknown stage {name[:60]!r}") from None
+        if layer is not None and layer >= config.n_layers:
+            raise GoldenError(f"{where}: stage {name} is outside the model ({config.n_layers} layers)")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise GoldenError(f"{where}: stage {twice} is listed twice")
+    missing = [k for k in expected if k not in set(names)]
+    if missing:
+        raise GoldenError(f"{where}: holds {len(names)} of the model's {len(expected)} stages; missing "
+                          f"{stages.summarize(missing)}")
+    if names != expected:
+        raise GoldenError(f"{where}: stages are not in forward order")
+
+
+def _check_tokens(where: str, manifest: Mapping[str, Any], config: ModelConfig) -> None:
+    bad = next((t for t in manifest["tokens"] if not 0 <= t < config.vocab_size), None)
+    if bad is not None:
+        raise GoldenError(f"{where}: token id {bad} is outside the vocabulary [0, {config.vocab_size})")
 
 
 def load_golden(folder: str | os.PathLike) -> Golden:
@@ -228,6 +565,15 @@ def load_golden(folder: str | os.PathLike) -> Golden:
         if not (folder / name).is_file():
             raise GoldenError(f"{folder / name}: missing")
     manifest = _read_manifest(folder)
+    where = str(folder / MANIFEST)
+    try:
+        config = ModelConfig.from_dict(manifest["model"]["config"])
+    except (KeyError, TypeError, ValueError, Llama3GoldenError) as e:
+        why = str(e).splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise GoldenError(f"{where}: model config unreadable ({why})") from None
+    seq = len(manifest["tokens"])
+    _check_tokens(where, manifest, config)
+    _check_stage_set(where, [e["name"] for e in manifest["stages"]], config, seq, _options(manifest))
     path = folder / ACTIVATIONS
     blob = path.read_bytes()
     actual = hashlib.sha256(blob).hexdigest()
@@ -238,19 +584,12 @@ def load_golden(folder: str | os.PathLike) -> Golden:
         stored = st_load(blob)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise GoldenError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
-    try:
-        config = ModelConfig.from_dict(manifest["model"]["config"])
-    except (KeyError, TypeError, Llama3GoldenError) as e:
-        raise GoldenError(f"{folder / MANIFEST}: model config unreadable ({e})") from None
     tensors: dict[str, torch.Tensor] = {}
     for entry in manifest["stages"]:
         name = entry["name"]
-        try:
-            expected = stages.expected_shape(name, config, len(manifest["tokens"]))
-        except KeyError:
-            raise GoldenError(f"{folder / MANIFEST}: unknown stage {name!r}") from None
+        expected = stages.expected_shape(name, config, seq)
         if list(entry["shape"]) != list(expected):
-            raise GoldenError(f"{folder / MANIFEST}: stage {name} has shape {list(entry['shape'])}, "
+            raise GoldenError(f"{where}: stage {name} has shape {list(entry['shape'])}, "
                               f"the model config gives {list(expected)}")
         if name not in stored:
             raise GoldenError(f"{path}: stage {name} is listed in the manifest but not in the file")
@@ -261,6 +600,8 @@ def load_golden(folder: str | os.PathLike) -> Golden:
         tensors[name] = t
     if stored:
         raise GoldenError(f"{path}: {len(stored)} tensors not listed in the manifest (e.g. {sorted(stored)[0]})")
+    if tensors["tokens"].dtype != torch.int64 or tensors["tokens"].tolist() != manifest["tokens"]:
+        raise GoldenError(f"{where}: tokens do not agree with the golden's `tokens` tensor (edited token ids?)")
     return Golden(folder, manifest, tensors)
 
 

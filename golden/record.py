@@ -36,15 +36,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from golden.format import environment, write_golden
+from golden.format import ATTN_DERIVED, check_destination, destination, environment, write_golden
 from impl import stages
 from impl.config import ModelConfig
-from impl.errors import Llama3GoldenError, check_prompt
+from impl.errors import Llama3GoldenError, PromptError, check_prompt
 from impl.layout import DTYPES, rotate_half_to_interleaved
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
 # Stages the recorder computes itself rather than reading from transformers, per attention.
-DERIVED = {"eager": ("scores",), "sdpa": ("scores", "probs")}
+DERIVED = ATTN_DERIVED
 
 
 # ---------------------------------------------------------------- the attention hook
@@ -208,7 +208,7 @@ def capture(hf_model, tokens: list[int], attn: str, progress: bool = False) -> d
     with bar, _hook_model(hf_model, rec):
         hf_model(input_ids=ids, use_cache=False)
     rec.put("logprobs_last", F.log_softmax(rec.tensors["logits"].float(), dim=-1))
-    keys = stages.all_keys(n_layers)
+    keys = stages.all_keys(n_layers)  # the writer checks these are stages.every_stage of the golden
     missing = [k for k in keys if k not in rec.tensors]
     if missing or len(rec.tensors) != len(keys):
         raise RuntimeError(f"recorder bug: missing stages {missing[:5]}, extra "
@@ -285,15 +285,47 @@ def load_reference(model: str, dtype: str, attn: str = "eager", device_map: Any 
         yield Reference(hf, model, ckpt.config, sha, _portable(ckpt.source), tok)
 
 
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars ("Loading weights") on or off for the recording, as asked."""
+    from transformers.utils import logging
+
+    before = logging.is_progress_bar_enabled()
+    (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+
+
+def _check_text(value: str, what: str) -> None:
+    """Refuse text that cannot be written as UTF-8 (a lone surrogate: undecodable bytes on the command line)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"{what} is not valid UTF-8 text ({e.object[e.start:e.end]!a} at position {e.start}; "
+                          f"undecodable bytes in the argument?)") from None
+
+
 def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str | Path, device_map: Any = None,
            offload_folder: str | None = None, progress: bool = True) -> Path:
     """Record a golden of `model` on `prompt` in `dtype` ('fp32'|'bf16') into folder `out`; returns it.
 
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
-    larger than memory.
+    larger than memory. `out` is checked and locked before the model loads (`golden.format.destination`):
+    only a golden, an empty folder or a new path is written; anything else is refused before any work.
     """
     check_prompt(prompt)
-    with load_reference(model, dtype, attn, device_map, offload_folder) as ref:
+    _check_text(prompt, "the prompt")
+    _check_text(model, "the model name")
+    if dtype not in DTYPES:
+        raise Llama3GoldenError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise Llama3GoldenError(f"attention {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    # Held from before the model loads until the golden is in place: a folder that must not be replaced
+    # is refused before any work, and a second writer of the same folder is refused at once.
+    with destination(out), _progress_bars(progress), load_reference(model, dtype, attn, device_map,
+                                                                    offload_folder) as ref:
         tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
         check_prompt(tokens, ref.config.max_seq_len, model=model)
         tensors = capture(ref.hf_model, tokens, attn, progress=progress)
@@ -331,5 +363,8 @@ def record_baselines(out: str | Path = DATA_DIR, names: list[str] | None = None,
     unknown = sorted(set(names or ()) - set(BASELINES))
     if unknown:
         raise Llama3GoldenError(f"unknown baseline {unknown[0]!r}; known: {', '.join(BASELINES)}")
+    chosen = [(name, spec) for name, spec in BASELINES.items() if not names or name in names]
+    for name, _ in chosen:  # every destination, before the first recording
+        check_destination(Path(out) / name)
     return [record(model, prompt, dtype, "eager", out=Path(out) / name, progress=progress)
-            for name, (model, prompt, dtype) in BASELINES.items() if not names or name in names]
+            for name, (model, prompt, dtype) in chosen]

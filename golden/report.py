@@ -8,8 +8,12 @@ many the golden holds.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from golden import compare as cmp
 from golden.check import Outcome
 from golden.diagnose import Diagnosis, label_index
 from impl import stages
+from impl.errors import Llama3GoldenError
 
 
 def sci(x: float) -> str:
@@ -87,14 +92,14 @@ def _check_row(stage: str, rows: list[cmp.StageResult]) -> str:
     """`  q_rope   2/2   3.3e-07  L01   1.0e-04  pass`: the stage's worst layer measured against its limit."""
     checked = [x for x in rows if x.status != cmp.NOT_CHECKED]
     if not checked:
-        return f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not checked"
+        return f"  {stage:<14}{'0/' + str(len(rows)):>9}  {'':>9} {'':>4}  {'':>8}  not reported"
     worst = _worst_against_limit(checked)
     at = f"L{worst.layer:02d}" if worst.layer is not None else "-"
     bad = [x for x in checked if x.status != cmp.PASS]
     status = "pass" if not bad else f"{len(bad)} fail" + (" (first)" if any(x.status == cmp.FAIL for x in bad)
                                                            else "")
     if len(checked) < len(rows):
-        status += f", {len(rows) - len(checked)} not checked"
+        status += f", {len(rows) - len(checked)} not reported"
     return (f"  {stage:<14}{f'{len(checked)}/{len(rows)}':>9}  {sci(worst.metrics.rel):>9} {at:>4}  "
             f"{sci(worst.limit):>8}  {status}")
 
@@ -105,12 +110,23 @@ def _logits_line(lg: cmp.LogitsCheck, tokenizer) -> str:
             f"{_decode(tokenizer, lg.top1_golden)} -> {'agree' if lg.top1_ok else 'DISAGREE'}")
 
 
-def _verdict_line(r: cmp.Report) -> str:
-    checked = r.checked
+def verdict_line(r: cmp.Report) -> str:
+    """`PASS: 43/43 stages within tolerance`, `FAIL: ...`, `INCOMPLETE: ...` or `PARTIAL: 10 of 43 stages ...`."""
+    checked, total, missing = r.checked, len(r.results), r.missing
     n_pass = sum(x.status == cmp.PASS for x in checked)
-    unreported = len(r.results) - len(checked)
-    return (f"  {'PASS' if r.passed else 'FAIL'}: {n_pass}/{len(checked)} stages within tolerance"
-            + (f", {unreported} not checked (not reported)" if unreported else ""))
+    verdict = r.verdict
+    if verdict == cmp.V_PASS:
+        return f"PASS: {n_pass}/{total} stages within tolerance"
+    if verdict == cmp.V_FAIL:
+        return (f"FAIL: {n_pass}/{len(checked)} stages within tolerance"
+                + (f", {len(missing)} of {total} not reported" if missing else ""))
+    if verdict == cmp.V_PARTIAL:
+        return (f"PARTIAL: {len(checked)} of {total} stages, all within tolerance (a partial check, as asked); "
+                f"not reported: {stages.summarize(missing)}")
+    need = ("; a partial check still needs logits" if r.partial and stages.LOGITS in missing
+            else "; report every stage, or check only the reported ones with --partial")
+    return (f"INCOMPLETE: {len(checked)} of {total} stages reported" + (", all within tolerance" if checked else "")
+            + f"; missing {stages.summarize(missing)}" + need)
 
 
 def format_report(o: Outcome) -> str:
@@ -118,8 +134,10 @@ def format_report(o: Outcome) -> str:
     r, g = o.report, o.golden
     m = g.manifest
     lines = [f"{g.path}: {g.model_name}, {g.dtype}, {len(g.tokens)} tokens, attention {m['attn_implementation']}, "
-             f"transformers {m.get('versions', {}).get('transformers', '?')}",
-             f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result"]
+             f"transformers {m.get('versions', {}).get('transformers', '?')}"]
+    if o.prompt_check:
+        lines.append(f"  prompt: {o.prompt_check}")
+    lines.append(f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result")
     lines += [_check_row(stage, rows) for stage, rows in _by_stage(r).items()]
     first = r.first_failure
     if first is not None:
@@ -129,7 +147,7 @@ def format_report(o: Outcome) -> str:
         lines += diagnosis_lines(first.diagnosis, "  ")
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
-    lines.append(_verdict_line(r))
+    lines.append("  " + verdict_line(r))
     return "\n".join(lines)
 
 
@@ -153,9 +171,9 @@ def _drift_line(report: cmp.Report) -> str:
     return f"no drift beyond tolerance ({len(report.checked)} stages)"
 
 
-def format_diff(report: cmp.Report, a: Path, b: Path) -> str:
+def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "") -> str:
     """One row per stage (worst layer), then the verdict naming the first drifting stage."""
-    lines = [f"diff {b} against {a} ({report.dtype})",
+    lines = [f"diff {b} against {a} ({report.dtype})"] + ([f"prompt: {prompt_check}"] if prompt_check else []) + [
              f"{'stage':<14} {'worst at':<22} {'rel':>9} {'max_abs':>9} {'cosine':>10} {'limit':>9}  status"]
     groups = _by_stage(report)
     for s in stages.STAGES:
@@ -184,7 +202,13 @@ def report_dict(report: cmp.Report) -> dict:
     d = first.diagnosis if first is not None else None
     return _finite_or_text({
         "dtype": report.dtype,
+        "verdict": report.verdict,
+        "summary": verdict_line(report),
         "passed": report.passed,
+        "partial": report.partial,
+        "stages_reported": len(report.checked),
+        "stages_total": len(report.results),
+        "missing": report.missing,
         "first_failure": first.key if first else None,
         # why the first failure failed (golden.diagnose): catalogue id, reproduces within the limit, detail line
         "diagnosis": [{"id": f.id, "reproduces": f.reproduces, "rel": f.rel, "detail": f.detail}
@@ -197,7 +221,8 @@ def report_dict(report: cmp.Report) -> dict:
 
 def check_json(outcomes: list[Outcome]) -> list[dict]:
     """One entry per checked golden: its path, its model, and every stage's metrics."""
-    return [{"golden": str(o.golden.path), "model": o.golden.model_name, **report_dict(o.report)} for o in outcomes]
+    return [{"golden": str(o.golden.path), "model": o.golden.model_name, "prompt_check": o.prompt_check,
+             **report_dict(o.report)} for o in outcomes]
 
 
 def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
@@ -205,7 +230,68 @@ def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
 
 
 def write_json(data, file: str | Path) -> None:
-    Path(file).write_text(json.dumps(data, indent=1) + "\n")
+    write_file(file, (json.dumps(data, indent=1) + "\n").encode(), "--json")
+
+
+# ---------------------------------------------------------------- output files
+class OutputError(Llama3GoldenError):
+    """A report file (--json, --plot) that cannot be written."""
+
+
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def plot_format(file: str | Path) -> str:
+    """The image format a plot file's suffix asks for (png without one)."""
+    suffix = Path(file).suffix.lower().removeprefix(".") or "png"
+    if suffix not in PLOT_FORMATS:
+        raise OutputError(f"--plot {file}: .{suffix} is not an image format this tool writes "
+                          f"({', '.join('.' + f for f in PLOT_FORMATS)})")
+    return suffix
+
+
+def check_writable(file: str | Path, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, a path under a missing
+    folder or under a file, a folder that does not take new files. Probed for real (creating and removing
+    the file), since permission bits say nothing to root or about /proc."""
+    path = Path(file)
+    if path.is_dir():
+        raise OutputError(f"{option} {file}: is a folder, not a file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise OutputError(f"{option} {file}: not writable")
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as e:
+        raise OutputError(f"{option} {file}: cannot be written ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(path)
+
+
+def write_file(file: str | Path, data: bytes, option: str = "output") -> None:
+    """Write a report file whole or not at all: a temp file beside it, then a rename, so a full disk or a kill
+    never leaves a truncated report in place of the last good one. A file that is not a regular file
+    (/dev/stdout, a pipe) is written directly. Any OSError is an OutputError (one line, exit 2)."""
+    path = Path(file)
+    try:
+        if path.exists() and not path.is_file():
+            with open(path, "wb") as f:
+                f.write(data)
+            return
+        real = path.resolve()  # through a symlink: replace its target, not the link
+        fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.tmp-", dir=real.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, real)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as e:
+        raise OutputError(f"{option} {file}: cannot be written ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------- PNG
@@ -275,8 +361,7 @@ def _figure(panels: list[tuple[str, cmp.Report, str]], n_layers: int):
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
-    cmap = matplotlib.colormaps["RdBu_r"].copy()
-    cmap.set_bad("#d9d9d9")  # not checked
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")  # grey: not checked
     norm = LogNorm(1 / RATIO_RANGE, RATIO_RANGE)
     width = max(10.0, 0.28 * n_layers + 5)
     lines = [textwrap.fill(text, int(width * 14), subsequent_indent="  ") for _, _, text in panels]
@@ -316,8 +401,10 @@ def check_figure(outcomes: list[Outcome]):
 def _save(fig, file: str | Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig.savefig(file, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=plot_format(file), dpi=110)
     plt.close(fig)
+    write_file(file, image.getvalue(), "--plot")
 
 
 def plot_check(outcomes: list[Outcome], file: str | Path) -> None:

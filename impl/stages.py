@@ -10,8 +10,9 @@ together sit side by side (interleaved pairs), as complex-number RoPE expects.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -128,6 +129,60 @@ def all_keys(n_layers: int) -> list[str]:
     for i in range(n_layers):
         out += [f"layers.{i}.{s}" for s in LAYER_STAGES]
     return out + list(POST_STAGES)
+
+
+def every_stage(config: ModelConfig, seq: int, options: Mapping[str, Any] | None = None) -> list[str]:
+    """Every stage key a golden holds, in forward order: what "every stage" means, defined once.
+
+    A golden of `config` on a prompt of `seq` tokens with `options` (its manifest's optional
+    sections) holds exactly these keys; a check passes only when an implementation reported all of
+    them (or the user asked for `--partial`), and the recorder records exactly these. A plain prefill
+    golden has no options: all_keys(n_layers). The options reserved in golden format 2 extend the set
+    here and nowhere else: `decode` (decode steps: `decode.<step>.layers.<i>.k_rope`, ...) and a
+    stage's `rows` (sampled positions: which rows a stage holds, not which stages there are).
+    ValueError for a prompt of no tokens or an option this version does not know how to expand.
+    """
+    if not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"a golden's prompt has at least one token, not {seq!r}")
+    for option, value in (options or {}).items():
+        if value is not None:
+            raise ValueError(f"golden option {option!r} is not supported by this version (only plain prefill goldens)")
+    return all_keys(config.n_layers)
+
+
+def layer_ranges(layers: Iterable[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in sorted(set(layers)):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def summarize(keys: Iterable[str]) -> str:
+    """Stage keys, compactly by stage kind and layers, in forward order:
+    'tokens, rope_cos; q, k in layers 0-1; scores in layer 1; logprobs_last'."""
+    keys = list(keys)
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    layers_of: dict[str, list[int]] = {}
+    plain: list[str] = []
+    for k in keys:
+        layer, stage = parse(k)
+        if layer is None:
+            plain.append(stage)
+        else:
+            layers_of.setdefault(stage, []).append(layer)
+    groups: dict[str, list[str]] = {}  # layer ranges -> stages missing in exactly those layers
+    for stage in sorted(layers_of, key=order.__getitem__):
+        groups.setdefault(layer_ranges(layers_of[stage]), []).append(stage)
+    pre = [s for s in plain if s in PRE_STAGES]
+    post = [s for s in plain if s not in PRE_STAGES]
+    parts = [", ".join(pre)] if pre else []
+    parts += [f"{', '.join(names)} in layer{'s' if ('-' in r or ',' in r) else ''} {r}" for r, names in groups.items()]
+    parts += [", ".join(post)] if post else []
+    return "; ".join(parts)
 
 
 def expected_shape(name: str, config: ModelConfig, seq: int) -> tuple[int, ...]:

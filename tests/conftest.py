@@ -33,7 +33,8 @@ def goldens():
 
 @pytest.fixture(scope="session")
 def models(goldens):
-    """(model, dtype) -> (Checkpoint, weights in dtype) for a golden's model, loaded once. Do not mutate."""
+    """(model, dtype) -> (Checkpoint, weights in dtype) for a golden's model, loaded once. The runner hands
+    implementations copies, so what they write into their weights never reaches these."""
     from golden.check import load_model_for
 
     cache = {}
@@ -52,9 +53,9 @@ def check_against(goldens, models):
     """(implementation, model, dtype) -> the comparator's Report for that implementation."""
     from golden.check import check_golden
 
-    def run(fn, model: str, dtype: str):
+    def run(fn, model: str, dtype: str, partial: bool = False):
         ckpt, weights = models(model, dtype)
-        return check_golden(fn, goldens(model, dtype), goldens(model, "fp32"), ckpt.config, weights)
+        return check_golden(fn, goldens(model, dtype), goldens(model, "fp32"), ckpt.config, weights, partial)
 
     return run
 
@@ -66,13 +67,19 @@ def implementation(request):
 
 
 @pytest.fixture(scope="session")
-def reports(implementation, check_against):
+def partial(request) -> bool:
+    """`pytest --partial`: check only the stages the implementation reports (it must still report logits)."""
+    return request.config.getoption("--partial")
+
+
+@pytest.fixture(scope="session")
+def reports(implementation, check_against, partial):
     """(model, dtype) -> the Report for the implementation under test, computed once."""
     cache = {}
 
     def get(model: str, dtype: str):
         if (model, dtype) not in cache:
-            cache[model, dtype] = check_against(implementation, model, dtype)
+            cache[model, dtype] = check_against(implementation, model, dtype, partial=partial)
         return cache[model, dtype]
 
     return get

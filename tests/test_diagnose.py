@@ -201,7 +201,7 @@ def scale_outcomes(goldens, check_against):
     from tests.bugs import scale_by_sqrt_128
 
     name = "tests.bugs:scale_by_sqrt_128"
-    return [Outcome(goldens("tiny", d), check_against(scale_by_sqrt_128, "tiny", d), None, name)
+    return [Outcome(goldens("tiny", d), check_against(scale_by_sqrt_128, "tiny", d), None, impl=name)
             for d in ("fp32", "bf16")]
 
 

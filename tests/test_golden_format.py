@@ -59,7 +59,8 @@ def test_write_golden_round_trips(tmp_path, dtype):
         assert torch.equal(g.tensors[k], t), k  # bitwise, -inf included
     assert {k: g.manifest[k] for k in _manifest(dtype)} == _manifest(dtype)
     assert (g.config, g.dtype, g.tokens, g.torch_dtype) == (CONFIG, dtype, TOKENS, gf.DTYPES[dtype])
-    assert g.manifest["format"] == "llama3-golden" and g.manifest["version"] == 1
+    assert g.manifest["format"] == "llama3-golden" and g.manifest["version"] == 2
+    assert g.manifest["manifest_sha256"] == gf.manifest_digest(g.manifest)
     assert g.manifest["layout"]["qk"].startswith("meta-interleaved")
     assert g.manifest["stages"][1] == {"name": "embeddings", "shape": [3, 8], "dtype": dtype_name(dtype)}
 
@@ -112,11 +113,14 @@ def _truncate(d):
     p.write_bytes(p.read_bytes()[:-100])
 
 
-def _edit_manifest(**changes):
+def _edit_manifest(redigest=True, **changes):
+    """Edit manifest fields; by default recompute manifest_sha256 too (a hostile edit the digest cannot catch)."""
     def edit(d):
         m = json.loads((d / gf.MANIFEST).read_text())
         for k, v in changes.items():
             m[k] = v(m) if callable(v) else v
+        if redigest:
+            m["manifest_sha256"] = gf.manifest_digest(m)
         (d / gf.MANIFEST).write_text(json.dumps(m))
     return edit
 
@@ -146,7 +150,13 @@ REFUSALS = {
     "tampered": (_flip_byte, r"activations.safetensors: sha256 \w{12}\.\.\. does not match the manifest's "
                              r"\w{12}\.\.\. \(tampered or truncated\)$"),
     "truncated": (_truncate, r"activations.safetensors: sha256 .* \(tampered or truncated\)$"),
-    "version": (_edit_manifest(version=2), r"manifest.json: format version 2, this reader reads version 1$"),
+    "newer-version": (_edit_manifest(version=3), r"manifest.json: format version 3, this reader reads version 2$"),
+    "older-version": (_edit_manifest(version=1), r"manifest.json: golden format version 1 is older than this reader's "
+                                                 r"2; re-record it with `python -m golden record --model synthetic "
+                                                 r"--prompt 'a b c' --dtype fp32 --out .*/g` \(the committed "
+                                                 r"baselines: `python -m golden record-baselines`\)$"),
+    "edited": (_edit_manifest(redigest=False, prompt="a b d"),
+               r"manifest.json: content does not match its manifest_sha256 \(edited after recording\); re-record"),
     "format": (_edit_manifest(format="npz"), r"manifest.json: format 'npz' is not 'llama3-golden'$"),
     "not-json": (lambda d: (d / gf.MANIFEST).write_text("{"), r"manifest.json: not valid JSON \(.*\)$"),
     "no-manifest": (lambda d: (d / gf.MANIFEST).unlink(), r"g/manifest.json: missing$"),
@@ -159,7 +169,7 @@ REFUSALS = {
                                                    r"the manifest says bfloat16 \[3, 8\]$"),
     "unknown-stage": (_edit_manifest(stages=_unknown), r"manifest.json: unknown stage 'embedings'$"),
     "unlisted": (_edit_manifest(stages=lambda m: m["stages"][:-1]),
-                 r"activations.safetensors: 1 tensors not listed in the manifest \(e.g. logprobs_last\)$"),
+                 r"manifest.json: holds 24 of the model's 25 stages; missing logprobs_last$"),
 }
 
 

@@ -17,6 +17,7 @@ from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load
 from golden.report import format_diff
 from impl import stages
 from impl.errors import Llama3GoldenError
+from impl.layout import DTYPES
 from impl.layout import rotate_half_to_interleaved as to_meta_layout
 from impl.model import forward
 from impl.weights import load_checkpoint
@@ -167,7 +168,7 @@ def test_committed_baseline_loads(name):
     g = load_golden(DATA_DIR / name)
     assert (g.model_name, g.manifest["prompt"], g.dtype) == (model, prompt, dtype)
     assert g.keys == stages.all_keys(g.config.n_layers)
-    float_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    float_dtype = DTYPES[dtype]
     for k, t in g.tensors.items():
         assert t.dtype == {"tokens": torch.int64, "logprobs_last": torch.float32}.get(k, float_dtype), k
     seq, n_heads = len(g.tokens), g.config.n_heads
