@@ -293,7 +293,13 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     """
     actual = run_implementation(fn, golden.tokens, weights, config)
     reference = golden.tensors if golden.dtype == "bf16" else None
-    return cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
+    report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
+    first = report.first_failure
+    if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
+        from golden.diagnose import diagnose
+
+        first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, first.limit)
+    return report
 
 
 # ---------------------------------------------------------------- the tokenizer, offline
@@ -350,6 +356,7 @@ class Outcome:
     report: cmp.Report
     tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
     prompt_check: str = ""  # 'tokenizes to ...' or 'not re-tokenized: why'
+    impl: str = "impl"  # the implementation checked, as the user named it (--impl), for titles
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -378,7 +385,7 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
         tok, why_not = tokenizers[key]
         prompt_check = verify_prompt(g, tok, why_not)
         report = check_golden(fn, g, truth, ckpt.config, weights, partial)
-        outcomes.append(Outcome(g, report, tok, prompt_check))
+        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl"))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes

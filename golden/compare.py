@@ -158,6 +158,7 @@ class StageResult:
     note: str = ""
     scale_bias: ScaleBias | None = None  # bf16 at the RMSNorm outputs: the second rule
     rule: str = ""  # which rule failed the stage: "size", "scale bias" or "size, scale bias"; "" if none
+    diagnosis: object = None  # golden.diagnose.Diagnosis, on the first failure (computed by golden.check)
 
 
 @dataclass

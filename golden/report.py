@@ -20,6 +20,7 @@ from pathlib import Path
 from golden import compare as cmp
 from golden import features
 from golden.check import Outcome
+from golden.diagnose import Diagnosis, label_index
 from impl import stages
 from impl.errors import Llama3GoldenError
 
@@ -30,7 +31,8 @@ def sci(x: float) -> str:
 
 
 def describe(r: cmp.StageResult) -> str:
-    """One line with every number: `layers.0.q_rope: rel 5.1e-01 > limit 1.0e-04, max-abs ..., worst at ...`.
+    """One line with every number: `layers.0.scores: rel 6.5e-01 > limit 1.0e-04, ..., worst at head 0, query 6,
+    key 0: impl ... vs golden ...` (the worst element's axes named as in impl.stages).
 
     Where bf16's scale-bias rule failed the stage, the line says so first (the size rule may have passed)."""
     m = r.metrics
@@ -41,8 +43,8 @@ def describe(r: cmp.StageResult) -> str:
         head = f"{r.key}: {describe_scale_bias(sb)}; {size}"
     return (f"{head}, max-abs {sci(m.max_abs)}, "
             f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
-            + (f", worst at {list(m.worst_index)}: impl {m.worst_actual:.6g} vs golden {m.worst_expected:.6g}"
-               if m.worst_index else "")
+            + (f", worst at {label_index(r.stage, m.worst_index)}: impl {m.worst_actual:.6g} vs golden "
+               f"{m.worst_expected:.6g}" if m.worst_index else "")
             + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
             + (f" ({r.note})" if r.note else ""))
 
@@ -53,6 +55,30 @@ def describe_scale_bias(sb: cmp.ScaleBias) -> str:
     return (f"scale bias {sb.s:.2f} {'<=' if sb.ok else '>'} limit {sb.limit:.2f} (rows scaled {way} by "
             f"{sci(abs(sb.bias))} on average beyond the reference's bf16 scale, allowance {sci(sb.allowance)}: "
             f"a systematic error, e.g. RMSNorm's eps missing or wrong)")
+
+# ---------------------------------------------------------------- the diagnosis of the first failure
+def diagnosis_lines(d: Diagnosis | None, indent: str = "  ", others: int = 3) -> list[str]:
+    """Why the first failure failed: what reproduces it (or the closest), signatures, what was not tried."""
+    if d is None:
+        return []
+    lines = [f"{indent}WHY: {d.headline()}"]
+    shown = d.matches or d.findings[:1]
+    for f in shown:
+        lines.append(f"{indent}  {f.id}: {f.detail} (rel {sci(f.rel)} against it, limit {sci(d.limit)}"
+                     f"{'' if f.reproduces else ', not within'}); fix: {f.hint}")
+    rest = [f for f in d.findings if f not in shown][:others]
+    if rest:
+        lines.append(f"{indent}  next closest: " + ", ".join(f"{f.id} ({f.detail}, rel {sci(f.rel)})" for f in rest))
+    for sig in d.signatures:
+        lines.append(f"{indent}  signature: {sig}")
+    if d.not_tried:
+        lines.append(f"{indent}  not tried (the golden lacks their inputs): {', '.join(d.not_tried)}")
+    return lines
+
+
+def failure_message(r: cmp.StageResult) -> str:
+    """The pytest message of a failing stage: its numbers, then its diagnosis where one was made."""
+    return "\n".join([describe(r), *diagnosis_lines(r.diagnosis)])
 
 
 def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
@@ -138,6 +164,7 @@ def format_report(o: Outcome) -> str:
         note = features.rope_scaling_note(g.config, first.stage)
         if note:
             lines.append(f"    NOTE: {note}")
+        lines += diagnosis_lines(first.diagnosis, "  ")
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
     lines.append("  " + verdict_line(r))
@@ -228,6 +255,7 @@ def _finite_or_text(x):
 def report_dict(report: cmp.Report) -> dict:
     """The verdict, the first failure, the logits check and every stage's metrics, as plain JSON values."""
     first = report.first_failure
+    d = first.diagnosis if first is not None else None
     return _finite_or_text({
         "dtype": report.dtype,
         "verdict": report.verdict,
@@ -239,6 +267,9 @@ def report_dict(report: cmp.Report) -> dict:
         "missing": report.missing,
         "first_failure": first.key if first else None,
         "first_failure_rule": first.rule if first else None,
+        # why the first failure failed (golden.diagnose): catalogue id, reproduces within the limit, detail line
+        "diagnosis": [{"id": f.id, "reproduces": f.reproduces, "rel": f.rel, "detail": f.detail}
+                      for f in d.findings] if d is not None else None,
         "logits": asdict(report.logits) if report.logits else None,
         "stages": [asdict(r) for r in report.results],
         "not_recorded": report.not_recorded,
@@ -326,27 +357,112 @@ def write_file(file: str | Path, data: bytes, option: str = "output") -> None:
 
 
 # ---------------------------------------------------------------- PNG
-def plot_panels(panels: list[tuple[str, cmp.Report]], file: str | Path) -> None:
-    """Relative error against layer for each stage, one panel per (title, report), side by side."""
+RATIO_RANGE = 1e3  # colours run from limit/1e3 (deep blue) through the limit (white) to 1e3 x limit (deep red)
+PRE_POST = tuple(s.name for s in stages.STAGES if not s.per_layer)
+
+
+def _ratio(r: cmp.StageResult) -> float:
+    """The stage's error against its limit (1 = at the limit); nan where not checked."""
+    if r.status == cmp.NOT_CHECKED or r.metrics is None:
+        return math.nan
+    rel = r.metrics.rel
+    if r.limit > 0:
+        return rel / r.limit
+    return 1 / RATIO_RANGE if rel == 0 else math.inf
+
+
+def _heatmap(fig, spec, title: str, report: cmp.Report, n_layers: int, norm, cmap):
+    """One panel: per-layer stages x layers, and beside it the stages outside the layers; the first failure boxed."""
+    import matplotlib.patches as patches
+    import numpy as np
+
+    grid = np.full((len(stages.LAYER_STAGES), n_layers), np.nan)
+    side = np.full((len(PRE_POST), 1), np.nan)
+    where: dict[str, tuple[object, int, int]] = {}
+    sub = spec.subgridspec(1, 2, width_ratios=[max(n_layers, 8), max(n_layers, 8) / 10], wspace=0.1)
+    ax, ax_side = fig.add_subplot(sub[0]), fig.add_subplot(sub[1])
+    for r in report.results:
+        if r.layer is not None and r.stage in stages.LAYER_STAGES and r.layer < n_layers:
+            row, col = stages.LAYER_STAGES.index(r.stage), r.layer
+            grid[row, col] = _ratio(r)
+            where[r.key] = (ax, row, col)
+        elif r.stage in PRE_POST:
+            row = PRE_POST.index(r.stage)
+            side[row, 0] = _ratio(r)
+            where[r.key] = (ax_side, row, 0)
+    lo, hi = 1 / RATIO_RANGE, RATIO_RANGE
+    for a, data in ((ax, grid), (ax_side, side)):
+        a.imshow(np.ma.masked_invalid(np.clip(data, lo, hi)), aspect="auto", cmap=cmap, norm=norm,
+                 interpolation="nearest")
+        a.set_yticks(range(data.shape[0]))
+        a.set_xticks([])
+    ax.set_yticklabels(stages.LAYER_STAGES, fontsize=8)
+    ax_side.set_yticklabels(PRE_POST, fontsize=8)
+    ax_side.yaxis.tick_right()
+    step = max(1, n_layers // 15)
+    ax.set_xticks(range(0, n_layers, step))
+    ax.set_xlabel("layer")
+    ax.set_title(title, fontsize=10, loc="left")
+    first = report.first_failure
+    if first is not None and first.key in where:
+        a, row, col = where[first.key]
+        a.add_patch(patches.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5,
+                                      gid="first-failure"))
+        a.annotate("first failure", (col, row), xytext=(col + 0.8, row - 0.9), fontsize=8, fontweight="bold",
+                   arrowprops={"arrowstyle": "->"}, annotation_clip=False)
+    return ax
+
+
+def _figure(panels: list[tuple[str, cmp.Report, str]], n_layers: int):
+    """The figure: one heatmap panel per (title, report, line under it), stacked; a shared colour bar."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False, sharey=True)
-    for ax, (title, report) in zip(axes[0], panels, strict=True):
-        for stage in stages.LAYER_STAGES:
-            rows = [x for x in report.results if x.stage == stage and x.metrics is not None]
-            if rows:
-                ax.plot([x.layer for x in rows], [max(x.metrics.rel, 1e-12) for x in rows], marker=".", label=stage,
-                        linewidth=1)
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("relative error")
-    axes[0][-1].legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#d9d9d9")  # grey: not checked
+    norm = LogNorm(1 / RATIO_RANGE, RATIO_RANGE)
+    width = max(10.0, 0.28 * n_layers + 5)
+    lines = [textwrap.fill(text, int(width * 14), subsequent_indent="  ") for _, _, text in panels]
+    text_h = 0.16 * sum(t.count("\n") + 1 for t in lines) + 0.4
+    height = 5.0 * len(panels) + text_h
+    fig = plt.figure(figsize=(width, height))
+    outer = fig.add_gridspec(len(panels), 1, hspace=0.3, bottom=(text_h + 0.3) / height, top=1 - 0.4 / height,
+                             left=0.11, right=0.8)
+    for i, (title, report, _) in enumerate(panels):
+        _heatmap(fig, outer[i], title, report, n_layers, norm, cmap)
+    mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cax = fig.add_axes((0.91, (text_h + 0.3) / height, 0.015, 0.6 * (1 - (text_h + 0.7) / height)))
+    bar = fig.colorbar(mappable, cax=cax)
+    bar.set_label("error / the stage's limit (>1 fails; grey: not checked)", fontsize=8)
+    fig.text(0.02, 0.01, "\n".join(lines), fontsize=8, family="monospace", va="bottom", gid="diagnosis")
+    return fig
+
+
+def _diagnosis_text(label: str, report: cmp.Report) -> str:
+    first = report.first_failure
+    if first is None:
+        lg = report.logits
+        return f"{label}: every checked stage within its limit" + (
+            "" if lg is None or lg.ok else f"; logits: KL {sci(lg.kl)} > {sci(lg.kl_limit)}")
+    d = first.diagnosis
+    return f"{label}: first failure {first.key}" + (f". Why: {d.headline()}" if d is not None else "")
+
+
+def check_figure(outcomes: list[Outcome]):
+    """The check's picture: per golden checked, a stage x layer heatmap of each error against its stage's limit, the
+    first failure boxed, its diagnosis written under the picture, the implementation and golden in the title."""
+    panels = [(f"{o.impl} vs golden {o.golden.path} ({o.golden.model_name}, {o.golden.dtype})", o.report,
+               _diagnosis_text(o.golden.dtype, o.report)) for o in outcomes]
+    return _figure(panels, max(o.golden.config.n_layers for o in outcomes))
+
+
+def _save(fig, file: str | Path) -> None:
+    import matplotlib.pyplot as plt
+
     image = io.BytesIO()
     fig.savefig(image, format=plot_format(file), dpi=110)
     plt.close(fig)
@@ -354,13 +470,17 @@ def plot_panels(panels: list[tuple[str, cmp.Report]], file: str | Path) -> None:
 
 
 def plot_check(outcomes: list[Outcome], file: str | Path) -> None:
-    """One panel per checked dtype (fp32 and bf16 side by side)."""
-    plot_panels([(f"{o.golden.model_name} {o.golden.dtype}: impl vs fp32 golden", o.report) for o in outcomes], file)
+    """check_figure, written to a PNG."""
+    _save(check_figure(outcomes), file)
 
 
 def plot_diff(report: cmp.Report, a: Path, b: Path, file: str | Path) -> None:
-    """One panel: b's error against a, per stage and layer."""
+    """One panel: b's error against a, per stage and layer, against the diff's limits."""
     def short(p: Path) -> str:
         return "/".join(Path(p).parts[-2:])  # tiny/fp32
 
-    plot_panels([(f"{short(b)} against {short(a)} ({report.dtype})", report)], file)
+    layers = [r.layer for r in report.results if r.layer is not None]
+    first = report.first_failure
+    text = f"first drift: {first.key}" if first is not None else "no drift beyond tolerance"
+    _save(_figure([(f"{short(b)} against {short(a)} ({report.dtype})", report, text)],
+                  max(layers) + 1 if layers else 1), file)

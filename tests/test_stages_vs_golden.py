@@ -11,7 +11,7 @@ import pytest
 
 from golden import compare
 from golden.check import Outcome
-from golden.report import describe, format_report, verdict_line
+from golden.report import failure_message, format_report, verdict_line
 from impl import stages
 from impl.config import PRESETS
 from tests.conftest import DTYPES, GOLDEN_MODELS
@@ -36,7 +36,7 @@ def test_stage_matches_golden(reports, model, dtype, key):
         pytest.fail(f"NOT REPORTED: {key} ({model} {dtype}). {verdict_line(report)}", pytrace=False)
     if r.status == compare.CONSEQUENCE:
         pytest.xfail(f"consequence of the first failure at {report.first_failure.key}")
-    assert r.status == compare.PASS, "FIRST FAILING STAGE " + describe(r)
+    assert r.status == compare.PASS, "FIRST FAILING STAGE " + failure_message(r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
