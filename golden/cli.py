@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from impl.cli import OneLineParser
 from impl.errors import Llama3GoldenError
 
 
@@ -120,8 +121,8 @@ def cmd_record_baselines(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from golden.record import ATTN_IMPLEMENTATIONS, BASELINES, DATA_DIR
 
-    p = _Parser(prog="python -m golden", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="python -m golden", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     r = sub.add_parser("record", help="run transformers on a prompt and write every stage to a golden folder")
     r.add_argument("--model", required=True, help="preset (tiny, tiny-varied, tiny-scaled, tiny-tied, smollm2-135m), "
@@ -164,13 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_check)
 
     return p
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line on stderr (exit 2) like every other bad input."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 @contextlib.contextmanager

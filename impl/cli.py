@@ -98,9 +98,16 @@ def cmd_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other bad input (both CLIs use it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m impl", description="llama3-golden's Llama 3 implementation.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = OneLineParser(prog="python -m impl", description="llama3-golden's Llama 3 implementation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineParser)
 
     p = sub.add_parser("fetch", help="download and verify assets; print each local folder")
     p.add_argument("names", nargs="+", metavar="NAME", help="llama3-tokenizer, smollm2-135m or meta-llama/...")

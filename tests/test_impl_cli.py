@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -107,3 +111,12 @@ def test_generate_needs_network_for_an_unfetched_asset(capsys, tmp_path, monkeyp
     last = err.splitlines()[-1]  # pip's own progress lines may come first
     assert code == 2 and last.startswith("error: cannot download") and "'smollm2-135m'" in last
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["generate"], ["fetch"], ["nosuchcommand"], ["tokenize", "x", "--bogus"]],
+                         ids=["generate-no-prompt", "fetch-no-name", "unknown-command", "unknown-option"])
+def test_cli_usage_error_is_one_line(argv):
+    result = subprocess.run([sys.executable, "-m", "impl", *argv], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
