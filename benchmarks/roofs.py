@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import time
 from pathlib import Path
 
 import torch
@@ -27,16 +26,6 @@ from impl import engines
 
 PEAK_SHAPE = (1024, 2048, 2048)  # rows, in, out: 8.6 GFLOP, past every engine's small-shape overheads
 QUICK_SHAPE = (64, 128, 128)  # the untimed default run: exercise the code in milliseconds
-
-
-def _best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def gemm_rates(dtype: str, shape: tuple[int, int, int] = PEAK_SHAPE, repeats: int = 3) -> dict[str, float]:
@@ -55,7 +44,7 @@ def gemm_rates(dtype: str, shape: tuple[int, int, int] = PEAK_SHAPE, repeats: in
                 pw = e.prepare(w) if e.prepare else w
                 if engines.relative_error(e.matmul(x, pw), exact) >= engines.TOLERANCE[dtype]:
                     continue
-                rates[name] = 2 * rows * k * n / _best_time(lambda e=e, pw=pw: e.matmul(x, pw), repeats) / 1e9
+                rates[name] = 2 * rows * k * n / engines.best_time(lambda e=e, pw=pw: e.matmul(x, pw), repeats) / 1e9
             except RuntimeError:
                 continue
     return rates
@@ -77,7 +66,7 @@ def read_rate(n_bytes: int, repeats: int = 5) -> tuple[float, str]:
     buf = torch.randn(max(n_bytes // 4, 1024), generator=torch.Generator().manual_seed(3))
     arr = buf.numpy()
     ways = {"torch.sum": buf.sum, "numpy.sum": arr.sum}
-    rates = {how: buf.numel() * 4 / _best_time(fn, repeats) / 1e9 for how, fn in ways.items()}
+    rates = {how: buf.numel() * 4 / engines.best_time(fn, repeats) / 1e9 for how, fn in ways.items()}
     how = max(rates, key=rates.get)
     return rates[how], how
 

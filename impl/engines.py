@@ -198,7 +198,8 @@ def cache_file(ident: dict[str, str] | None = None) -> Path:
     return cache_dir() / "engines" / f"{digest}.json"
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of fn's fastest call of `repeats`, after one warm-up call (also what benchmarks/roofs.py uses)."""
     fn()  # warm: first-call set-up is not the steady state
     best = float("inf")
     for _ in range(repeats):
@@ -243,7 +244,7 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
                     except RuntimeError:
                         ok = False
                     if ok:
-                        row[name] = _time(fn, repeats)
+                        row[name] = best_time(fn, repeats)
             del prepared
     return out
 
