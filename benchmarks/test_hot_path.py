@@ -3,8 +3,8 @@ forward (the user's `--impl`, impl, transformers) and end-to-end generation, eve
 
 Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
 transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
-run executes each body once (--benchmark-disable) on the small cases; the 8B shapes and the long whole-model
-prompts are `slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
+run executes each body once (--benchmark-disable) on the small cases; the 8B shapes, the long whole-model
+prompts and all generate cases but impl's fp32 one are `slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
 `python -m benchmarks.chart` turns the JSON into a table and PNG.
 """
 
@@ -96,8 +96,17 @@ def test_forward(benchmark, user_forward, shape, name, dtype_name):
     _record(benchmark, fn, f"forward {shape.model} {shape.label}", info, info["flops"] / 40e9)
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("name", models.GENERATE_IMPLEMENTATIONS)
+def _generate_params():
+    """The default run executes the body once on impl in fp32 (impl's generate and transformers' eager generate, as
+    its reference); the other five cases (transformers' generate on CPU, bf16 above all, took minutes on 2 cores)
+    are `slow`."""
+    for name in models.GENERATE_IMPLEMENTATIONS:
+        for dtype_name in DTYPES:
+            slow = (name, dtype_name) != ("impl", "fp32")
+            yield pytest.param(name, dtype_name, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{dtype_name}")
+
+
+@pytest.mark.parametrize(("name", "dtype_name"), list(_generate_params()))
 def test_generate(benchmark, name, dtype_name):
     """End to end: `impl generate`'s fast path (its prepared weights) vs transformers' greedy generate."""
     fn = models.generate_case(name, dtype_name)

@@ -9,10 +9,22 @@ from impl.config import PRESETS
 from tests.alternatives import ALTERNATIVES, BF16_ONLY
 from tests.conftest import DTYPES, GOLDEN_MODELS
 
+SMOLLM2 = "smollm2-135m"
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", list(ALTERNATIVES))
+
+def cases(names, smollm2_default: str, dtypes=None):
+    """(name, model[, dtype]) for every name and golden model: every tiny golden in the default suite, SmolLM2 for
+    `smollm2_default` only; the other SmolLM2 cases are `slow` (each checks all 30 layers once more)."""
+    for name in names:
+        for model in GOLDEN_MODELS:
+            marks = [pytest.mark.slow] if model == SMOLLM2 and name != smollm2_default else []
+            for dtype in dtypes or [None]:
+                values, id_ = ((name, model), f"{name}-{model}") if dtype is None else \
+                    ((name, model, dtype), f"{name}-{model}-{dtype}")
+                yield pytest.param(*values, marks=marks, id=id_)
+
+
+@pytest.mark.parametrize(("alternative", "model", "dtype"), list(cases(ALTERNATIVES, "rope-like-transformers", DTYPES)))
 def test_correct_alternative_passes_every_stage(check_against, alternative, model, dtype):
     report = check_against(ALTERNATIVES[alternative], model, dtype)
     first = report.first_failure
@@ -36,8 +48,7 @@ def test_readme_example_without_rope_scaling_fails_on_the_scaled_model(check_aga
 BF16_ONLY_NAMES = list(BF16_ONLY)
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+@pytest.mark.parametrize(("alternative", "model"), list(cases(BF16_ONLY_NAMES, "walkthrough-bf16")))
 def test_bf16_only_alternative_passes_bf16(check_against, alternative, model):
     report = check_against(BF16_ONLY[alternative][0], model, "bf16")
     first = report.first_failure
@@ -45,8 +56,7 @@ def test_bf16_only_alternative_passes_bf16(check_against, alternative, model):
     assert report.logits.ok, f"false alarm on logits: {report.logits}"
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+@pytest.mark.parametrize(("alternative", "model"), list(cases(BF16_ONLY_NAMES, "walkthrough-bf16")))
 def test_bf16_only_alternative_fails_fp32_at_its_stage(check_against, alternative, model):
     """A bf16 cast inside an fp32 computation is a bug in an fp32 run."""
     fn, first_key = BF16_ONLY[alternative]
@@ -58,8 +68,7 @@ def test_bf16_only_alternative_fails_fp32_at_its_stage(check_against, alternativ
 MARGIN_IMPLS = {"impl": impl_forward, **ALTERNATIVES, **{k: fn for k, (fn, _) in BF16_ONLY.items()}}
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", list(MARGIN_IMPLS))
+@pytest.mark.parametrize(("alternative", "model"), list(cases(MARGIN_IMPLS, "impl")))
 def test_correct_bf16_stays_within_half_the_scale_bias_limit(check_against, alternative, model):
     """The margin on the correct side: at every RMSNorm output, S <= limit / 2 (bugs: >= 2x, test_mutations.py)."""
     report = check_against(MARGIN_IMPLS[alternative], model, "bf16")
