@@ -3,15 +3,16 @@ Check it with `python -m golden check-tokenizer --impl my_tok:encode` (from exam
 `--impl examples/my_tok.py:encode`.
 
 Meta's tokenizer.model is read from $LLAMA3_TOKENIZER_MODEL, else from where `python -m impl fetch llama3-tokenizer`
-puts it by default.
+put it.
 """
 import base64
 import os
 
 import tiktoken
 
-PATH = os.path.expanduser(os.environ.get("LLAMA3_TOKENIZER_MODEL",
-                                         "~/.cache/llama3-golden/llama3-tokenizer/tokenizer.model"))
+CACHE = os.environ.get("LLAMA3_GOLDEN_CACHE") or os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "llama3-golden")
+PATH = os.environ.get("LLAMA3_TOKENIZER_MODEL") or os.path.join(CACHE, "llama3-tokenizer", "tokenizer.model")
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
            r"|\s+(?!\S)|\s+")
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",

@@ -286,7 +286,7 @@ def format_tokenizer_report(r) -> str:
     """`python -m golden check-tokenizer`: agreement per case group, then the first difference explained."""
     lines = [f"{r.impl}: {r.total:,} strings of {_shown_path(r.expected.path)}",
              f"  expected ids: {r.expected.reference}",
-             f"  {'group':<14} {'agree':>6}{'':6} result"]
+             f"  {'group':<14} {'agree':>6}{'':5} result"]
     lines += [tokenizer_group_line(g) for g in r.groups]
     if r.first is not None:
         lines += tokenizer_difference_lines(r.first, r.vocab)
