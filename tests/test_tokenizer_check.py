@@ -100,9 +100,9 @@ def test_expected_ids_hold_no_special_token():
     assert not [c for c in EXPECTED.cases if any(t >= tc.N_BASE for t in c.ids)]
 
 
-def test_record_expected_with_hf_tokenizers_rewrites_the_committed_file(tmp_path):
-    out = tc.record_expected(tmp_path / "llama3.json")
-    assert out.read_text(encoding="utf-8") == tc.EXPECTED.read_text(encoding="utf-8")
+def test_record_expected_with_hf_tokenizers_rewrites_the_committed_ids(tmp_path):
+    # The ids, not the header: another tokenizers version (tox's py310) writes its own version there.
+    assert tc.load_expected(tc.record_expected(tmp_path / "llama3.json")).cases == EXPECTED.cases
 
 
 @pytest.mark.parametrize("content", ["not json", '{"format": "other"}', json.dumps(
@@ -122,37 +122,39 @@ def test_correct_tiktoken_encode_passes(llama3):
     assert r.passed and r.agree == len(EXPECTED.cases), report.format_tokenizer_report(r)
 
 
-# Each mistake: a function from Meta's ranks to an encode that makes it.
-def gpt2_split(ranks):
+# Each mistake: a function from Meta's ranks (and the correct Encoding, to save building one) to an encode that
+# makes it.
+def gpt2_split(ranks, llama3=None):
     return plain(encoding(ranks, GPT2_PATTERN))
 
 
-def digits_not_in_3s(ranks):
+def digits_not_in_3s(ranks, llama3=None):
     return plain(encoding(ranks, LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}+")))
 
 
-def case_sensitive_contractions(ranks):
+def case_sensitive_contractions(ranks, llama3=None):
     return plain(encoding(ranks, LLAMA3_PATTERN.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "'s|'t|'re|'ve|'m|'ll|'d")))
 
 
-def allowed_special(ranks, names=None):
-    enc = encoding(ranks, specials=names and {name: 128000 + i for i, name in enumerate(names)})
+def allowed_special(ranks, llama3):
+    return lambda text: llama3.encode(text, allowed_special="all")
+
+
+def allowed_special_llama30_names(ranks, llama3=None):
+    enc = encoding(ranks, specials={name: 128000 + i for i, name in enumerate(LLAMA30_SPECIALS)})
     return lambda text: enc.encode(text, allowed_special="all")
 
 
-def with_bos(ranks):
-    encode = plain(encoding(ranks))
-    return lambda text: [128000, *encode(text)]
+def with_bos(ranks, llama3):
+    return lambda text: [128000, *plain(llama3)(text)]
 
 
-def with_eos(ranks):
-    encode = plain(encoding(ranks))
-    return lambda text: [*encode(text), 128001]
+def with_eos(ranks, llama3):
+    return lambda text: [*plain(llama3)(text), 128001]
 
 
-def nfc_normalized(ranks):
-    encode = plain(encoding(ranks))
-    return lambda text: encode(unicodedata.normalize("NFC", text))
+def nfc_normalized(ranks, llama3):
+    return lambda text: plain(llama3)(unicodedata.normalize("NFC", text))
 
 
 MUTATIONS = {  # name: (mistake, the kinds of every differing string, what the report must say)
@@ -161,8 +163,7 @@ MUTATIONS = {  # name: (mistake, the kinds of every differing string, what the r
     "case-sensitive-contractions": (case_sensitive_contractions, {"split"}, "crosses Llama 3's split"),
     "allowed-special-all": (allowed_special, {"special"}, "reads the text '<|eot_id|>' as the special token 128009: "
                                                           "the contract reads special-token text as plain text"),
-    "allowed-special-llama30-names": (lambda ranks: allowed_special(ranks, LLAMA30_SPECIALS), {"special"},
-                                      "as the special token"),
+    "allowed-special-llama30-names": (allowed_special_llama30_names, {"special"}, "as the special token"),
     "bos": (with_bos, {"bos"}, "starts with 128000 (<|begin_of_text|>): the contract is no BOS"),
     "eos": (with_eos, {"eos"}, "ends with 128001 (<|end_of_text|>): the contract is no EOS"),
     "nfc-normalized": (nfc_normalized, {"text"}, "your ids spell 'café', not the text"),
@@ -170,9 +171,9 @@ MUTATIONS = {  # name: (mistake, the kinds of every differing string, what the r
 
 
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_mistake_is_caught_and_named(ranks, mutation):
+def test_mistake_is_caught_and_named(ranks, llama3, mutation):
     make, kinds, says = MUTATIONS[mutation]
-    r = tc.check_tokenizer(make(ranks), EXPECTED, spec=mutation)
+    r = tc.check_tokenizer(make(ranks, llama3), EXPECTED, spec=mutation)
     text = report.format_tokenizer_report(r)
     assert not r.passed
     assert (set(r.kinds), r.first.kind) == (kinds, max(r.kinds, key=r.kinds.get)), text
