@@ -1,11 +1,11 @@
 """Project-wide pytest setup. The `--impl` family of options lives in the golden checks' plugin
-(golden/pytest_plugin.py, the package's pytest11 entry point); it is named here too for a checkout whose
-installed metadata predates the entry point (registered under its module name, it loads once either way).
-pytester runs the plugin's own tests."""
+(golden/pytest_plugin.py) and `--impl-tokenizer` in the tokenizer check's (golden/pytest_tokenizer.py), the
+package's pytest11 entry points; they are named here too for a checkout whose installed metadata predates
+them (registered under their module names, each loads once either way). pytester runs the plugins' tests."""
 
 import os
 
-pytest_plugins = ["pytester", "golden.pytest_plugin"]
+pytest_plugins = ["pytester", "golden.pytest_plugin", "golden.pytest_tokenizer"]
 
 
 def benchmarks_timed(config) -> bool:

@@ -65,26 +65,27 @@ def impl_forward(tokens: torch.Tensor, weights, config, trace) -> torch.Tensor:
     return forward(tokens, weights, config, trace=trace)
 
 
-def load_callable(spec: str | None) -> Implementation:
+def load_callable(spec: str | None, option: str = "--impl") -> Implementation:
     """'package.module:function' or 'path/to/file.py:function' -> the function. None -> impl's own forward.
 
     A file (a notebook export, a script beside no package) is loaded by its path; its folder is appended to
-    sys.path so that it can import the modules beside it, as `python file.py` could.
+    sys.path so that it can import the modules beside it, as `python file.py` could. `option` names the option
+    in messages (--impl, --impl-tokenizer).
     """
     if spec is None:
         return impl_forward
     where, sep, attr = spec.rpartition(":")  # rpartition: a Windows path has a colon of its own
     if not sep or not where or not attr:
-        raise ImplementationError(f"--impl {spec!r}: expected module:callable or path/to/file.py:callable, "
+        raise ImplementationError(f"{option} {spec!r}: expected module:callable or path/to/file.py:callable, "
                                   f"e.g. my_llama:forward")
-    module = _load_file(spec, Path(where)) if _is_file(where) else _import(spec, where)
+    module = _load_file(spec, Path(where), option) if _is_file(where) else _import(spec, where, option)
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ImplementationError(f"--impl {spec!r}: {where} has no attribute {attr}")
+            raise ImplementationError(f"{option} {spec!r}: {where} has no attribute {attr}")
     if not callable(fn):
-        raise ImplementationError(f"--impl {spec!r}: {attr} is not callable")
+        raise ImplementationError(f"{option} {spec!r}: {attr} is not callable")
     return fn
 
 
@@ -92,29 +93,29 @@ def _is_file(where: str) -> bool:
     return where.endswith(".py") or "/" in where or os.sep in where
 
 
-def _import(spec: str, module_name: str):
+def _import(spec: str, module_name: str, option: str):
     try:
         return importlib.import_module(module_name)
     except Exception as e:  # the user's module: any import error is theirs to see in one line
         missing = isinstance(e, ModuleNotFoundError) and e.name is not None and (
             module_name == e.name or module_name.startswith(e.name + "."))
-        hint = (f"; a file path works too: --impl path/to/{module_name.rpartition('.')[2]}.py:"
+        hint = (f"; run from the folder that holds it, or give its file: path/to/{module_name.rpartition('.')[2]}.py:"
                 f"{spec.rpartition(':')[2]}" if missing else "")
-        raise ImplementationError(f"--impl {spec!r}: cannot import {module_name} ({e.__class__.__name__}: "
+        raise ImplementationError(f"{option} {spec!r}: cannot import {module_name} ({e.__class__.__name__}: "
                                   f"{_first_line(e)}){hint}") from None
 
 
-def _load_file(spec: str, path: Path):
+def _load_file(spec: str, path: Path, option: str):
     """A module from a .py file, under a name of its own (a file called impl.py or golden.py shadows nothing)."""
     if not path.is_file():
-        raise ImplementationError(f"--impl {spec!r}: no such file {path}")
+        raise ImplementationError(f"{option} {spec!r}: no file {path}")
+    if path.suffix != ".py":
+        raise ImplementationError(f"{option} {spec!r}: {path} is not a .py file")
     path = path.resolve()
     name = f"_llama3_golden_impl_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
     if name in sys.modules:
         return sys.modules[name]
     loader_spec = importlib.util.spec_from_file_location(name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise ImplementationError(f"--impl {spec!r}: {path} is not a Python file")
     module = importlib.util.module_from_spec(loader_spec)
     if str(path.parent) not in sys.path:
         sys.path.append(str(path.parent))
@@ -125,7 +126,7 @@ def _load_file(spec: str, path: Path):
         del sys.modules[name]
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise ImplementationError(f"--impl {spec!r}: cannot load {path.name} ({e.__class__.__name__}: "
+        raise ImplementationError(f"{option} {spec!r}: cannot import {path.name} ({e.__class__.__name__}: "
                                   f"{_first_line(e)} at {_where(e, str(path))})") from None
     return module
 

@@ -56,11 +56,11 @@ def test_check_broken_impl_exits_1_and_names_first_stage(user_module, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["check", "no/such/folder"], "not a golden folder"),
     (["check", "--impl", "nomodule_xyz:forward"], "cannot import nomodule_xyz (ModuleNotFoundError: No module named "
-                                                   "'nomodule_xyz'); a file path works too: --impl "
-                                                   "path/to/nomodule_xyz.py:forward"),
+                                                   "'nomodule_xyz'); run from the folder that holds it, or give "
+                                                   "its file: path/to/nomodule_xyz.py:forward"),
     (["check", "--impl", "golden.check"], "expected module:callable"),
     (["check", "--impl", "golden.check:nothing_here"], "has no attribute nothing_here"),
-    (["check", "--impl", "no/such/my_llama.py:forward"], "no such file no/such/my_llama.py"),
+    (["check", "--impl", "no/such/my_llama.py:forward"], "no file no/such/my_llama.py"),
 ], ids=["missing-golden", "unimportable-module", "no-colon", "no-attribute", "missing-file"])
 def test_check_bad_input_exits_2_with_one_line(capsys, args, message):
     assert cli.main(args) == 2
@@ -81,7 +81,7 @@ def test_implementation_file_that_fails_to_load_is_one_line(tmp_path, capsys):
     assert cli.main(["check", "--impl", f"{tmp_path / 'my_llama.py'}:forward"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "cannot load my_llama.py (NameError: name 'undefined_name' is not defined at " in err
+    assert "cannot import my_llama.py (NameError: name 'undefined_name' is not defined at " in err
     assert err.rstrip().endswith("my_llama.py:2)")
 
 

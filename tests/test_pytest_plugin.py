@@ -149,8 +149,8 @@ def test_unfetched_model_is_one_line_naming_the_fetch(project, monkeypatch, tmp_
 
 @pytest.mark.parametrize(("args", "says"), [
     (("--impl", "no_such_module:forward"), "ERROR: --impl 'no_such_module:forward': cannot import no_such_module "
-                                           "(ModuleNotFoundError*); a file path works too: --impl "
-                                           "path/to/no_such_module.py:forward"),
+                                           "(ModuleNotFoundError*); run from the folder that holds it, or give its "
+                                           "file: path/to/no_such_module.py:forward"),
     (("--impl", "my_llama:forward", "--golden", "no/such/golden"), "ERROR: --golden: no/such/golden: not a golden "
                                                                    "folder*"),
     (("--impl", "my_llama:forward", "--qk-layout", "rotate"), "*--qk-layout: invalid choice: 'rotate'*"),
