@@ -111,14 +111,15 @@ class Checks:
         self.selected: dict[str, list[str]] = {}  # group id -> the names of its tests this run selected
 
     def implementation(self):
-        """`--impl` loaded (ImplementationError -> a one-line usage error). The folder pytest runs in is on the
-        import path, as under `python -m pytest`, so `my_llama:forward` finds ./my_llama.py."""
+        """`--impl` loaded (ImplementationError -> a one-line usage error). The folder pytest runs in is first on
+        the import path, as under `python -m pytest`, so `my_llama:forward` finds ./my_llama.py (the `pytest`
+        command leaves it off)."""
         from golden.check import ImplementationError, load_callable
 
         if self._fn is None:
             here = str(self.config.invocation_params.dir)
             if here not in sys.path:
-                sys.path.append(here)
+                sys.path.insert(0, here)
             try:
                 self._fn = load_callable(self.config.getoption("impl"))
             except ImplementationError as e:

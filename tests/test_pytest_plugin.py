@@ -4,6 +4,7 @@ project like a user's (tests/test_pytest_plugin_venv.py installs the package int
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,10 @@ def _line_of(source: str, text: str) -> int:
 
 
 @pytest.fixture
-def project(pytester):
+def project(pytester, monkeypatch):
     """A user's project: their my_llama.py and nothing else. The plugin is named with -p, as in a checkout whose
     installed metadata predates the entry point (with it, -p is a no-op)."""
+    monkeypatch.delitem(sys.modules, "my_llama", raising=False)  # a my_llama another test imported is not theirs
     pytester.makepyfile(my_llama=EXAMPLE)
 
     def run(*args, source: str | None = None):
