@@ -18,11 +18,13 @@ What a run collects:
 - `pytest PATH... --impl X`: the named paths only, as any pytest run; their tests may read `--impl` (this
   repository's benchmarks time X's forward). No checks are added.
 
-More checks plug in as *groups* (decode steps, tokenizer cases): a provider in PROVIDERS maps the pytest config to
-a list of `Group`s (an id, its test names known before anything runs, and `run`, called once per session, which
-returns a `Result` per name or raises `Crash`); an option that should turn the plugin on by itself goes into
-ACTIVATING_OPTIONS (e.g. a tokenizer check's `--impl-tokenizer`, added in pytest_addoption). Shared loading (the
-implementation, goldens, models) is `checks_of(config)`.
+More checks of the same implementation plug in as *groups* (e.g. decode steps: `tiny/fp32/decode::step1.
+layers.0.k_rope`): a provider appended to PROVIDERS maps the pytest config to a list of `Group`s (an id, its test
+names known before anything runs, and `run`, called once per session, which returns a `Result` per name or raises
+`Crash`); they are collected, cached, selected and reported like the stage tests. An option that should turn
+the plugin on by itself goes into ACTIVATING_OPTIONS. Shared loading (the implementation, goldens, models) is
+`checks_of(config)`. The tokenizer check (`--impl-tokenizer`) is a plugin of its own, golden/pytest_tokenizer.py,
+and runs beside this one.
 """
 
 from __future__ import annotations
