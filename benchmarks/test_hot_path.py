@@ -4,7 +4,8 @@ forward (the user's `--impl`, impl, transformers) and end-to-end generation, eve
 Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
 transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
 run executes each body once (--benchmark-disable) on the small cases; the 8B shapes, the long whole-model
-prompts and all generate cases but impl's fp32 one are `slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
+prompts, the SmolLM2 forward cases but two (user fp32, impl bf16) and the generate cases but one (impl fp32) are
+`slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
 `python -m benchmarks.chart` turns the JSON into a table and PNG.
 """
 
@@ -68,12 +69,17 @@ def test_layer(benchmark, shape, name, dtype_name):
 
 
 # ------------------------------------------------------------------------------------------- whole models
+DEFAULT_FORWARD = {("user", "fp32"), ("impl", "bf16")}
+
+
 def _forward_params():
     for model_name in ("smollm2-135m", "llama-3-8b-1layer"):
         for seq in models.FORWARD_SEQS:
-            slow = model_name != "smollm2-135m" or seq > 17  # the default run: SmolLM2's 17 tokens only
             for name in models.FORWARD_IMPLEMENTATIONS:
                 for dtype_name in DTYPES:
+                    # the default run: SmolLM2's 17 tokens, through the user's trace in fp32 and impl's fast path in
+                    # bf16 (transformers' eager forward is the reference of every case); the rest is `slow`
+                    slow = model_name != "smollm2-135m" or seq > 17 or (name, dtype_name) not in DEFAULT_FORWARD
                     yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name,
                                        marks=[pytest.mark.slow] if slow else [],
                                        id=f"{model_name}-prefill-{seq}-{name}-{dtype_name}")
