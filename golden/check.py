@@ -203,7 +203,7 @@ def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
+def _normalise(name, tensor, config, seq: int, seen, copy: bool = True) -> torch.Tensor:
     """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
     logits of the last position."""
     if not isinstance(name, str):
@@ -225,7 +225,7 @@ def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
         t = t[0]
     if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
         t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
-    return t.clone()
+    return t.clone() if copy else t
 
 
 def _weight_digests(weights) -> dict[str, str]:
@@ -235,8 +235,13 @@ def _weight_digests(weights) -> dict[str, str]:
     return out
 
 
-def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
+def run_implementation(fn: Implementation, tokens: list[int], weights, config,
+                       on_stage: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor | None]:
     """Call fn under the trace protocol; returns the reported stages (detached copies).
+
+    With `on_stage`, each reported stage goes to on_stage(name, tensor) inside the trace call (the tensor as
+    the implementation reported it, normalised but not copied: compare it before returning) and is not kept:
+    the returned dict then maps each reported name to None.
 
     The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
     still interrupts) becomes one ImplementationError naming its file and line and the last stage it
@@ -244,18 +249,26 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
     error even if the user's code catches it.
     """
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor | None] = {}
     errors: list[ImplementationError] = []
+    ours: list[BaseException] = []  # raised by on_stage (the checker), not by the user's code
     seq = len(tokens)
 
     def trace(name, tensor) -> None:
         if errors:
             raise errors[0]
         try:
-            seen[name] = _normalise(name, tensor, config, seq, seen)
+            t = _normalise(name, tensor, config, seq, seen, copy=on_stage is None)
         except ImplementationError as e:
             errors.append(e)
             raise
+        seen[name] = t if on_stage is None else None
+        if on_stage is not None:
+            try:
+                on_stage(name, t)
+            except Exception as e:
+                ours.append(e)
+                raise
 
     size = sum(t.numel() * t.element_size() for t in weights.values())
     digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
@@ -268,6 +281,8 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
         if errors and e is errors[0]:
             raise errors[0] from None
+        if ours:
+            raise ours[0] from None
         last = next(reversed(seen), None) if seen else None
         what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
                 else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
@@ -275,6 +290,8 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
                                   f"(last stage traced: {last or 'none'})") from None
     if errors:  # a bad trace call the user's code caught and went on from
         raise errors[0]
+    if ours:
+        raise ours[0]
     if digests is not None:
         changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
         if changed:
@@ -284,21 +301,64 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     return seen
 
 
+class Stream:
+    """Compares each stage as the implementation traces it, then lets it go (`run_implementation(on_stage=...)`).
+
+    It keeps each stage's result, the logits check, and one tensor: the implementation's tensor of the earliest
+    failing stage in forward order so far, for the diagnosis. So a check holds the model, the golden and the
+    implementation's own working set, not every stage at once: an 8-layer check needs no more than a 2-layer one
+    (tests/test_sampling.py measures it). A sampled golden's stage (golden.sampling) is reduced here, from the full
+    tensor, with the recorder's own sampling function.
+    """
+
+    def __init__(self, expected, dtype: str, reference=None):
+        self.expected, self.reference = expected, reference
+        self.judge = cmp.judge_for(expected, dtype, reference)
+        self.judged: dict[str, cmp.StageResult] = {}
+        self.reported: list[str] = []
+        self.logits: cmp.LogitsCheck | None = None
+        self.kept: tuple[str, torch.Tensor] | None = None  # (key, tensor) of the earliest failing stage
+
+    def __call__(self, key: str, t: torch.Tensor) -> None:
+        self.reported.append(key)
+        if key not in self.expected:
+            return
+        r = self.judge.stage(key, t)
+        self.judged[key] = r
+        if key == stages.LOGITS:
+            self.logits = cmp.logits_check(self.expected, t, self.reference)
+        if r.status == cmp.FAIL and (self.kept is None or cmp.forward_rank(key) < cmp.forward_rank(self.kept[0])):
+            self.kept = (key, t.clone())
+
+    def report(self, partial: bool = False) -> cmp.Report:
+        report = cmp.assemble(list(self.expected), self.judged, self.judge.dtype, self.reported)
+        report.partial, report.logits = partial, self.logits
+        return report
+
+    def actual(self) -> dict[str, torch.Tensor | None]:
+        """What the diagnosis reads: every reported key, with the kept tensor under its key (None elsewhere)."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(self.reported)
+        if self.kept is not None:
+            out[self.kept[0]] = self.kept[1]
+        return out
+
+
 def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
                  ) -> cmp.Report:
-    """Run fn on the golden's tokens and compare every stage with the fp32 truth.
+    """Run fn on the golden's tokens and compare every stage with the fp32 truth as it is traced (`Stream`).
 
     bf16: the reference's own bf16 error (golden against truth) sets each stage's limit. Stages fn does not
     report make the verdict INCOMPLETE, or PARTIAL when `partial`.
     """
-    actual = run_implementation(fn, golden.tokens, weights, config)
-    reference = golden.tensors if golden.dtype == "bf16" else None
-    report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
+    stream = Stream(truth.tensors, golden.dtype, golden.tensors if golden.dtype == "bf16" else None)
+    run_implementation(fn, golden.tokens, weights, config, on_stage=stream)
+    report = stream.report(partial)
     first = report.first_failure
     if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
         from golden.diagnose import diagnose
 
-        first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, diagnosis_limit(first))
+        first.diagnosis = diagnose(first.key, stream.actual(), truth.tensors, config, weights,
+                                   diagnosis_limit(first))
     return report
 
 

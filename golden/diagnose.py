@@ -98,7 +98,7 @@ AXES: dict[str, tuple[str, ...]] = {
 
 def label_index(stage: str, index: tuple[int, ...]) -> str:
     """(3, 1, 1) at scores -> 'head 3, query 1, key 1'; an index of another rank stays a list."""
-    names = AXES.get(stage, ())
+    names = AXES.get(stage, ())[: len(index)]  # a summary of every row: the leading axes (head, query)
     if len(names) != len(index):
         return str(list(index))
     return ", ".join(f"{n} {i}" for n, i in zip(names, index, strict=True))
