@@ -108,6 +108,11 @@ def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
             and candidate.manifest["model"]["config"] == golden.manifest["model"]["config"])
 
 
+def _rows(golden: Golden) -> list:
+    """Each stage's `rows` (golden.sampling), None where it is stored in full."""
+    return [e.get("rows") for e in golden.manifest["stages"]]
+
+
 def _siblings(golden: Golden) -> Iterator[Golden]:
     """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
     for p in _golden_folders(golden.path.parent):
@@ -451,6 +456,9 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
         if truth.manifest["prompt"] != g.manifest["prompt"]:
             raise GoldenError(f"{g.path}: recorded on another prompt than its fp32 golden {truth.path}")
+        if _rows(truth) != _rows(g):
+            raise GoldenError(f"{g.path}: sampled at other positions than its fp32 golden {truth.path} (re-record both "
+                              f"with one version)")
         ckpt, weights = load_model_for(g, g.torch_dtype, model)
         key = str(ckpt.tokenizer)
         if key not in tokenizers:

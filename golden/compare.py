@@ -318,6 +318,8 @@ class Judge:
         expected = self.expected[key]
         if isinstance(expected, sampling.Sampled):
             return self._sampled(key, layer, stage, actual, expected)
+        if isinstance(actual, sampling.Sampled):  # a diff of a full golden against a sampled one
+            return _result(key, layer, stage, _bad("sampled on one side only"), 0.0, None, None)
         m = stage_metrics(actual, expected)
         limit, ref_m = self.limit_for(key, stage)
         sb = self.bias_for(key, stage, actual) if not m.problem else None

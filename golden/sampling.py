@@ -16,8 +16,8 @@ full, and `logits` / `logprobs_last` have no position axis (they are the last po
 
 `reduce` is the one sampling function: the recorder applies it to transformers' tensors as they are produced
 (one layer's attention at a time), the checker to the implementation's tensors as they are traced, so both
-sides sample the same rows and summarise them with the same arithmetic (float64, in blocks of rows so that
-summarising an 8B model's 8,192-token attention does not copy it whole). The manifest's stage entry says what
+sides sample the same rows and summarise them with the same arithmetic (in blocks of rows, so that summarising
+an 8B model's 8,192-token attention does not copy it whole). The manifest's stage entry says what
 it holds: `"rows": {"axis": 1, "positions": [0, 1, ...], "summaries": ["logsumexp", "max"]}` (golden.format).
 """
 
@@ -35,7 +35,7 @@ from impl import stages
 THRESHOLD = 64  # prompts of up to this many tokens are stored in full (the committed default goldens: <= 17)
 SPREAD = 8  # evenly spaced positions sampled between the first two and the last two
 MASKED_BELOW = -1e4  # attention scores at or below this count as masked (-inf): finfo.min, -1e9, -1e4
-_BLOCK = 1 << 22  # elements summarised at a time in float64 (32 MB)
+_BLOCK = 1 << 22  # elements summarised at a time (16 MB in float32)
 
 # What a sampled stage keeps of every row. Rows of `scores`/`probs` are (head, query) pairs over the keys;
 # rows of the other stages are positions over everything else.
@@ -154,30 +154,38 @@ def _blocks(t: torch.Tensor, axis: int):
         yield t.narrow(axis, start, n)
 
 
-def _summary(name: str, block: torch.Tensor, axis: int) -> torch.Tensor:
-    """One summary of each row of a block, in float64."""
-    x = block.detach().to(torch.float64)
-    if name == "l2":  # (n, ...) -> (n,)
-        return x.reshape(x.shape[0], -1).norm(dim=1)
-    x = x.masked_fill(x <= MASKED_BELOW, -math.inf) if name in ("logsumexp", "max") else x
-    if name == "logsumexp":  # over the unmasked keys: exp(-inf) = 0
-        return torch.logsumexp(x, dim=-1)
-    if name == "max":
-        return x.amax(dim=-1)
-    if name == "entropy":  # -sum p log p over keys with p > 0
-        return -torch.where(x > 0, x * x.clamp_min(1e-300).log(), torch.zeros((), dtype=x.dtype)).sum(-1)
-    if name == "argmax":
-        return x.argmax(dim=-1)
-    raise KeyError(f"unknown summary {name!r}")
+def _summaries_of_block(names: tuple[str, ...], block: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each summary of each row of a block of rows. Computed in the block's float32 (exact for max and argmax;
+    ~1e-7 relative for the others, 1,000x under the fp32 bound) and summed in float64: one pass over an 8B
+    model's 8,192-token attention must not copy it in float64. Masked scores need no special case: a masked entry
+    (-inf, finfo.min, -1e9 or -1e4) adds exp(masked - max) = 0 to the logsumexp and is never the max."""
+    x = block.detach()
+    x = x.float() if x.dtype != torch.float64 else x
+    out = {}
+    for name in names:
+        if name == "l2":  # (n, ...) -> (n,)
+            out[name] = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=torch.float64)
+        elif name == "logsumexp":  # torch.logsumexp's formula, in place (faster on a block of rows)
+            top = x.amax(dim=-1, keepdim=True)
+            out[name] = (x - top).exp_().sum(-1, dtype=torch.float64).log_() + top.squeeze(-1)
+        elif name == "max":
+            out[name] = x.amax(dim=-1)
+        elif name == "entropy":  # -sum p log p over the keys (0 log 0 = 0)
+            out[name] = -torch.xlogy(x, x).sum(-1, dtype=torch.float64)
+        elif name == "argmax":
+            out[name] = x.argmax(dim=-1)
+        else:
+            raise KeyError(f"unknown summary {name!r}")
+    return out
 
 
 def summarize(t: torch.Tensor, rows: Rows) -> dict[str, torch.Tensor]:
     """Every summary of every row of a full stage tensor, block by block along the position axis."""
-    out = {}
-    for name in rows.summaries:
-        parts = [_summary(name, block, rows.axis) for block in _blocks(t, rows.axis)]
-        out[name] = torch.cat(parts, dim=rows.axis).to(SUMMARY_DTYPES.get(name, torch.float32))
-    return out
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in rows.summaries}
+    for block in _blocks(t, rows.axis):
+        for name, v in _summaries_of_block(rows.summaries, block).items():
+            parts[name].append(v)
+    return {name: torch.cat(v, dim=rows.axis).to(SUMMARY_DTYPES.get(name, torch.float32)) for name, v in parts.items()}
 
 
 def take(t: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -204,13 +212,50 @@ def sample_all(tensors: Mapping[str, torch.Tensor], positions: tuple[int, ...] |
     return {k: sample_stage(k, t, positions) for k, t in tensors.items()}
 
 
+# ---------------------------------------------------------------- on disk: the causal prefix of attention rows
+# A sampled row of `scores` or `probs` is stored up to its query (keys 0..q): the rest is masked by the stage's
+# definition (-inf in scores, 0 in probs), so the file holds sum(q + 1) entries per head, not len(positions) x seq.
+MASKED_VALUE = {stages.SCORES: -math.inf, stages.PROBS: 0.0}
+
+
+def packed_shape(stage: str, rows: Rows, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of a sampled stage's rows: (h, sum(q + 1)) for the attention matrices, else values_shape."""
+    if stage not in MASKED_VALUE:
+        return values_shape(rows, shape)
+    return (shape[0], sum(p + 1 for p in rows.positions))
+
+
+def pack(stage: str, s: Sampled) -> torch.Tensor:
+    """A sampled stage's rows as stored; ValueError if a dropped entry is not the stage's masked value."""
+    if stage not in MASKED_VALUE:
+        return s.values
+    fill = MASKED_VALUE[stage]
+    for i, p in enumerate(s.rows.positions):
+        rest = s.values[:, i, p + 1:]
+        if not bool((rest == fill).all()):
+            raise ValueError(f"{stage} row {p} holds values after its query (a causal mask expected)")
+    return torch.cat([s.values[:, i, : p + 1] for i, p in enumerate(s.rows.positions)], dim=1).contiguous()
+
+
+def unpack(stage: str, stored: torch.Tensor, rows: Rows, shape: tuple[int, ...]) -> torch.Tensor:
+    """The inverse of pack: the masked keys after each sampled query filled back in."""
+    if stage not in MASKED_VALUE:
+        return stored
+    out = torch.full(values_shape(rows, shape), MASKED_VALUE[stage], dtype=stored.dtype)
+    start = 0
+    for i, p in enumerate(rows.positions):
+        out[:, i, : p + 1] = stored[:, start: start + p + 1]
+        start += p + 1
+    return out
+
+
 def argmax_shortfall(actual: torch.Tensor, golden_argmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """How far the golden's argmax key falls short of the row's maximum in the implementation's probs:
-    (actual[h, q, golden argmax], actual's row max), both (h, seq) float64. Equal where the argmax agrees (or the
+    (actual[h, q, golden argmax], actual's row max), both (h, seq) float32. Equal where the argmax agrees (or the
     two keys tie); a wrong attention pattern makes the first smaller."""
     at, top = [], []
     for start, n in _spans(tuple(actual.shape), 1):
-        x = actual.detach().narrow(1, start, n).to(torch.float64)
+        x = actual.detach().narrow(1, start, n).float()
         idx = golden_argmax.long().narrow(1, start, n)
         at.append(x.gather(-1, idx.unsqueeze(-1)).squeeze(-1))
         top.append(x.amax(-1))
