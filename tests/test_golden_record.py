@@ -12,10 +12,10 @@ import torch
 from golden import cli
 from golden.check import diff_goldens
 from golden.compare import stage_metrics
-from golden.sampling import Sampled
 from golden.format import ACTIVATIONS, MANIFEST, load_golden, sha256_file, write_golden
 from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record
 from golden.report import format_diff
+from golden.sampling import Sampled
 from impl import stages
 from impl.errors import Llama3GoldenError
 from impl.layout import DTYPES
