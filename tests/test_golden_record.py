@@ -176,10 +176,10 @@ def test_committed_baseline_loads(name):
     seq, n_heads = len(g.tokens), g.config.n_heads
     above = torch.ones(seq, seq, dtype=torch.bool).triu(1).expand(n_heads, seq, seq)
     for i in range(g.config.n_layers):
-        scores = g.tensors[f"layers.{i}.scores"]
+        scores, hidden = g.tensors[f"layers.{i}.scores"], above
         if isinstance(scores, Sampled):  # a long prompt: the sampled queries' rows (golden.sampling)
-            above, scores = above[:, list(scores.rows.positions)], scores.values
-        assert torch.all(scores[above] == -math.inf) and torch.all(torch.isfinite(scores[~above])), i
+            hidden, scores = above[:, list(scores.rows.positions)], scores.values
+        assert torch.all(scores[hidden] == -math.inf) and torch.all(torch.isfinite(scores[~hidden])), i
 
 
 def test_committed_baselines_fit_the_budget():
