@@ -213,6 +213,42 @@ def test_mutation_is_caught_at_the_same_stage_in_sampled_mode(monkeypatch, sampl
     assert first.key == MUTATIONS[mutation][3], f"{mutation}: first failure named {first.key}"
 
 
+def _sees_the_next_key(t):
+    t[:, 7, 8] = t[:, 7, 7]
+
+
+def _reversed_row(t):
+    t[:, 7, :8] = t[:, 7, :8].flip(-1)  # same entropy, another argmax key
+
+
+def _scaled_position(t):
+    t[7] *= 1.01
+
+
+ONE_ROW_BUGS = {  # a bug in one row that the sample (positions 0 and 16) does not hold: its summary catches it
+    "scores-query-7-sees-key-8": ("layers.0.scores", _sees_the_next_key, ("logsumexp", "max")),
+    "probs-row-7-reversed": ("layers.1.probs", _reversed_row, ("argmax",)),
+    "attn-norm-position-7-scaled": ("layers.0.attn_norm", _scaled_position, ("l2",)),
+}
+
+
+@pytest.mark.parametrize("bug", list(ONE_ROW_BUGS))
+def test_a_summary_catches_a_bug_in_a_row_that_is_not_sampled(sampled_goldens, models, bug):
+    key, corrupt, parts = ONE_ROW_BUGS[bug]
+
+    def fn(tokens, w, config, trace):
+        def traced(k, t):
+            if k == key:
+                t = t.clone()
+                corrupt(t)
+            trace(k, t)
+
+        return model.forward(tokens, w, config, trace=traced)
+
+    first = _sampled_check(sampled_goldens, models, SPARSE)(fn, "tiny", "fp32").first_failure
+    assert first is not None and first.key == key and first.metrics.part in parts, first
+
+
 ALT_CASES = [pytest.param(a, g, d, marks=[pytest.mark.slow] if g == "smollm2-135m" else [], id=f"{a}-{g}-{d}")
              for a in ALTERNATIVES for g in ("tiny", "tiny-varied", "smollm2-135m") for d in ("fp32", "bf16")]
 
