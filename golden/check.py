@@ -56,26 +56,57 @@ def impl_forward(tokens: torch.Tensor, weights, config, trace) -> torch.Tensor:
     return forward(tokens, weights, config, trace=trace)
 
 
-def load_callable(spec: str | None) -> Implementation:
-    """'package.module:function' -> the function. None -> impl's own forward."""
+def load_callable(spec: str | None, option: str = "--impl") -> Implementation:
+    """'package.module:function' or 'path/to/file.py:function' -> the function. None -> impl's own forward."""
     if spec is None:
         return impl_forward
-    module_name, sep, attr = spec.partition(":")
+    module_name, sep, attr = spec.rpartition(":")  # rpartition: a Windows path has a colon of its own
     if not sep or not module_name or not attr:
-        raise ImplementationError(f"--impl {spec!r}: expected module:callable, e.g. my_llama:forward")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # the user's module: any import error is theirs to see in one line
-        raise ImplementationError(
-            f"--impl {spec!r}: cannot import {module_name} ({e.__class__.__name__}: {e})") from None
+        raise ImplementationError(f"{option} {spec!r}: expected module:callable or path/to/file.py:callable, "
+                                  f"e.g. my_llama:forward")
+    if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+        module = _import_file(spec, Path(module_name), option)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # the user's module: any import error is theirs to see in one line
+            hint = ""
+            if isinstance(e, ModuleNotFoundError) and e.name == module_name.split(".")[0]:
+                hint = f"; run from the folder that holds it, or give its file: path/to/{module_name}.py:{attr}"
+            raise ImplementationError(
+                f"{option} {spec!r}: cannot import {module_name} ({e.__class__.__name__}: {e}){hint}") from None
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ImplementationError(f"--impl {spec!r}: {module_name} has no attribute {attr}")
+            raise ImplementationError(f"{option} {spec!r}: {module_name} has no attribute {attr}")
     if not callable(fn):
-        raise ImplementationError(f"--impl {spec!r}: {attr} is not callable")
+        raise ImplementationError(f"{option} {spec!r}: {attr} is not callable")
     return fn
+
+
+def _import_file(spec: str, path: Path, option: str):
+    """A module from a file that is not on sys.path (a notebook export), registered under its stem, its folder put
+    on sys.path so that it can import its neighbours."""
+    import importlib.util
+    import sys
+
+    if not path.is_file():
+        raise ImplementationError(f"{option} {spec!r}: no file {path}")
+    if path.suffix != ".py":
+        raise ImplementationError(f"{option} {spec!r}: {path} is not a .py file")
+    folder = str(path.resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    module_spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[path.stem] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: any error in it is theirs to see in one line
+        sys.modules.pop(path.stem, None)
+        raise ImplementationError(f"{option} {spec!r}: cannot import {path} ({e.__class__.__name__}: {e})") from None
+    return module
 
 
 # ---------------------------------------------------------------- the goldens

@@ -69,6 +69,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(o.report.passed for o in outcomes) else 1
 
 
+def cmd_check_tokenizer(args: argparse.Namespace) -> int:
+    from golden import check, report
+    from golden import tokenizer_check as tc
+
+    expected = tc.load_expected(args.expected)
+    encode = check.load_callable(args.impl)
+    r = tc.check_tokenizer(encode, expected, spec=args.impl)
+    print(report.format_tokenizer_report(r))
+    return 0 if r.passed else 1
+
+
+def cmd_record_tokenizer(args: argparse.Namespace) -> int:
+    from golden import tokenizer_check as tc
+
+    out = tc.record_expected(args.out)
+    print(f"wrote {out} ({len(tc.load_expected(out).cases):,} strings, {out.stat().st_size / 1e3:.0f} kB)")
+    return 0
+
+
 # ---------------------------------------------------------------- record
 def _device_map(value: str | None):
     """'auto' / 'cpu' / ... as is; a JSON object ({"model.layers.0": 0, ...}) parsed."""
@@ -163,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model to run (default: the golden's, if it is a preset or an asset); needed for goldens "
                         "of a local path or a Hub id, verified against the golden's weights digest")
     c.set_defaults(func=cmd_check)
+
+    from golden.tokenizer_check import CONTRACT, EXPECTED
+
+    t = sub.add_parser("check-tokenizer", help="run your Llama 3 encode over the tokenizer corpus; compare with the "
+                                               "committed ids of Hugging Face tokenizers")
+    t.add_argument("--impl", required=True, metavar="MODULE:CALLABLE",
+                   help=f"your tokenizer, module:callable or path/to/file.py:callable ({CONTRACT})")
+    t.add_argument("--expected", default=str(EXPECTED), metavar="FILE", help="the expected ids (default: %(default)s)")
+    t.set_defaults(func=cmd_check_tokenizer)
+
+    rt = sub.add_parser("record-tokenizer", help="write the expected ids of the tokenizer corpus with Hugging Face "
+                                                 "tokenizers (needs the reference extras)")
+    rt.add_argument("--out", default=str(EXPECTED), help="the file to write (default: %(default)s)")
+    rt.set_defaults(func=cmd_record_tokenizer)
 
     return p
 

@@ -91,6 +91,12 @@ HOW: dict[str, How] = {
     "python -m golden diff golden/data/tiny/fp32 my-golden": How(shows="no drift beyond tolerance (43 stages)",
                                                                  needs_my_golden=True),
     "python -m golden record-baselines": How(rewrite={"--out": "{tmp}/baselines"}, shows="total in", slow=True),
+    "python -m golden check-tokenizer --impl my_tok:encode": How(shows="PASS: 1,664/1,664 strings agree (11 of 11 "
+                                                                     "groups)"),
+    "pytest --impl-tokenizer my_tok:encode": How(exempt="pytest: tests/test_tokenizer_check.py runs the plugin "
+                                                        "through pytester"),
+    "python -m golden record-tokenizer": How(rewrite={"--out": "{tmp}/llama3.json"}, shows="wrote",
+                                             files=("llama3.json",)),
 }
 
 
