@@ -68,8 +68,8 @@ def smollm2(lengths: list[int], repeat: int) -> None:
 
 
 def overhead(lengths: list[int], repeat: int) -> None:
-    print("| prompt tokens | impl forward (wall / CPU) | check (wall / CPU) | checker adds (wall / CPU) | CPU added per "
-          "token |")
+    print("| prompt tokens | impl forward (wall / CPU) | check (wall / CPU) | checker adds (wall / CPU) "
+          "| CPU added per token |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for n in lengths:
