@@ -57,7 +57,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
-    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model)
+    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model,
+                           qk_layout=args.qk_layout)
     for o in outcomes:
         print(report.format_report(o))
     if len({o.golden.model_name for o in outcomes}) > 1:
@@ -168,12 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--quiet", action="store_true", help="no progress bar")
     bl.set_defaults(func=cmd_record_baselines)
 
+    from golden.check import QK_LAYOUTS
+
     c = sub.add_parser("check", help="run an implementation on a golden's weights and tokens; compare every stage")
     c.add_argument("golden", nargs="?", default=None,
                    help="a golden folder or a folder of them (default: the committed tiny, tiny-varied, tiny-scaled "
                         "and tiny-tied, fp32 + bf16)")
-    c.add_argument("--impl", metavar="MODULE:CALLABLE", help="your implementation (trace protocol; default: impl)")
+    c.add_argument("--impl", metavar="MODULE:CALLABLE",
+                   help="your implementation (trace protocol; default: impl): module:callable or "
+                        "path/to/file.py:callable")
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
+    c.add_argument("--qk-layout", choices=QK_LAYOUTS, default="meta",
+                   help="the layout your q, k, q_rope and k_rope stages are in: meta (interleaved pairs, as the "
+                        "goldens) or hf (transformers' rotate-half), converted before comparing")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")
     c.add_argument("--plot", metavar="FILE.png", help="draw error against layer per stage, fp32 and bf16 side by side")
     c.add_argument("--partial", action="store_true",

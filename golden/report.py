@@ -90,6 +90,22 @@ def failure_message(r: cmp.StageResult) -> str:
     return "\n".join([describe(r), *diagnosis_lines(r.diagnosis)])
 
 
+def failure_lines(report: cmp.Report, config) -> list[str]:
+    """The first failure: its numbers, the reference's own bf16 error there, the model's rope-scaling note, the
+    runner's hints (the q/k layout) and the diagnosis. The table's FIRST FAILURE and pytest --impl's message."""
+    first = report.first_failure
+    if first is None:
+        return []
+    lines = [describe(first)]
+    if first.ref_metrics is not None:
+        lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
+    note = features.rope_scaling_note(config, first.stage)
+    if note:
+        lines.append(f"    NOTE: {note}")
+    lines += [f"  HINT: {h}" for h in report.hints]
+    return lines + diagnosis_lines(first.diagnosis, "  ")
+
+
 def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
     """Results grouped by stage name (every layer's together), in forward order."""
     groups: dict[str, list[cmp.StageResult]] = {}
@@ -165,15 +181,8 @@ def format_report(o: Outcome) -> str:
         lines.append(f"  prompt: {o.prompt_check}")
     lines.append(f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result")
     lines += [_check_row(stage, rows) for stage, rows in _by_stage(r).items()]
-    first = r.first_failure
-    if first is not None:
-        lines.append(f"  FIRST FAILURE: {describe(first)}")
-        if first.ref_metrics is not None:
-            lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
-        note = features.rope_scaling_note(g.config, first.stage)
-        if note:
-            lines.append(f"    NOTE: {note}")
-        lines += diagnosis_lines(first.diagnosis, "  ")
+    if r.first_failure is not None:
+        lines.append("  FIRST FAILURE: " + "\n".join(failure_lines(r, g.config)))
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
     lines.append("  " + verdict_line(r))
@@ -346,6 +355,7 @@ def report_dict(report: cmp.Report) -> dict:
         "logits": asdict(report.logits) if report.logits else None,
         "stages": [asdict(r) for r in report.results],
         "not_recorded": report.not_recorded,
+        "hints": report.hints,
     })
 
 

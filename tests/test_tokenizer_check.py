@@ -260,7 +260,8 @@ def test_cli_example_passes(example, capsys):
     assert "  PASS: 1,664/1,664 strings agree (11 of 11 groups)" in capsys.readouterr().out
 
 
-def test_cli_bos_fails_with_exit_1(tmp_path, example, capsys):
+def test_cli_bos_fails_with_exit_1(tmp_path, example, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", [*sys.path])  # bos_tok.py puts examples/ first: not for the tests after this one
     (tmp_path / "bos_tok.py").write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'examples')!r})\n"
                                          "import my_tok\n\n\ndef encode(text):\n"
                                          "    return [128000] + my_tok.encode(text)\n")
