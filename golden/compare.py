@@ -337,10 +337,15 @@ class Judge:
         def bound(part: str) -> float:
             if self.dtype != "bf16" or not ref_parts:
                 return base
-            rp = ref_parts.get("rows" if part == "argmax" else part)  # argmax: the bound of the rows it picks from
+            rp = ref_parts.get(part)
             return tol.bf16_factor * (rp.rel if rp is not None else 0.0) + tol.bf16_floor
 
-        limits = {part: bound(part) for part in parts}
+        # bf16: a summary is judged within at least the bound of the rows it summarises (a row's norm, logsumexp or
+        # max moves by no more than the row: |‖a‖ − ‖e‖| <= ‖a − e‖), and the argmax shortfall by that bound. The
+        # reference's own error on a summary alone can be far below its rows' (rounding averages out in a norm), and
+        # a correct bf16 implementation that rounds elsewhere was measured 6x past it (SmolLM2, split-K SwiGLU).
+        rows_bound = bound("rows")
+        limits = {part: rows_bound if part == "argmax" else max(bound(part), rows_bound) for part in parts}
         worst = max(parts, key=lambda p: _ratio(parts[p].rel, limits[p]))
         sb = None
         if not parts[worst].problem and not isinstance(actual, sampling.Sampled):

@@ -26,8 +26,8 @@ from golden.sampling import Sampled, sample_all, sample_positions
 from impl import model, stages
 from impl.config import PRESETS
 from impl.weights import random_weights
-from tests.alternatives import ALTERNATIVES
-from tests.conftest import golden_dir
+from tests.alternatives import ALTERNATIVES, BF16_ONLY
+from tests.conftest import GOLDEN_MODELS, golden_dir
 from tests.test_mutations import CASES, IDS, _run_mutant
 
 
@@ -249,13 +249,17 @@ def test_a_summary_catches_a_bug_in_a_row_that_is_not_sampled(sampled_goldens, m
     assert first is not None and first.key == key and first.metrics.part in parts, first
 
 
-ALT_CASES = [pytest.param(a, g, d, marks=[pytest.mark.slow] if g == "smollm2-135m" else [], id=f"{a}-{g}-{d}")
-             for a in ALTERNATIVES for g in ("tiny", "tiny-varied", "smollm2-135m") for d in ("fp32", "bf16")]
+CORRECT = {**ALTERNATIVES, **{f"{k}-bf16-only": fn for k, (fn, _) in BF16_ONLY.items()}}  # bf16-only: in bf16
+ALT_CASES = [pytest.param(a, g, d, marks=[] if g in ("tiny", "tiny-varied") else [pytest.mark.slow], id=f"{a}-{g}-{d}")
+             for a in CORRECT for g in GOLDEN_MODELS for d in ("fp32", "bf16")
+             if d == "bf16" or not a.endswith("-bf16-only")]
 
 
 @pytest.mark.parametrize(("alternative", "golden", "dtype"), ALT_CASES)
 def test_correct_alternative_passes_in_sampled_mode(sampled_goldens, models, alternative, golden, dtype):
-    report = _sampled_check(sampled_goldens, models, SPARSE)(ALTERNATIVES[alternative], golden, dtype)
+    """At the documented sample, what a long golden holds. (At two rows, bf16's scale-bias rule has too little to
+    average: the all-bf16 RMSNorm reached S = 0.70, its limit, at SmolLM2's layers.13.attn_norm.)"""
+    report = _sampled_check(sampled_goldens, models, "documented-sample")(CORRECT[alternative], golden, dtype)
     first = report.first_failure
     assert first is None, f"false alarm at {first.key} ({first.metrics.part}): rel {first.metrics.rel:.3e}"
     assert report.verdict == "PASS"
