@@ -35,7 +35,7 @@ def user_forward(request):
     """The `user` implementation of the forward groups: `--impl module:callable`, else impl.model.forward."""
     from golden.check import load_callable
 
-    return load_callable(request.config.getoption("--impl"))
+    return load_callable(request.config.getoption("impl"))
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
