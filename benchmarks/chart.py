@@ -207,7 +207,9 @@ def chart(data: dict, png: Path) -> None:
         ax.set_title(f"{op}, one {model_name} layer", fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=4, loc="upper left")
-    fig.suptitle(_machine(data), fontsize=8)
+    warning = trust_line(data["machine_info"])
+    fig.suptitle(_machine(data) + ("\n" + warning.replace("**", "") if warning else ""), fontsize=8,
+                 color="black" if warning is None else "red")
     fig.tight_layout()
     fig.savefig(png, dpi=72)
     plt.close(fig)
