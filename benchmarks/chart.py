@@ -95,8 +95,8 @@ def engines_markdown(info: dict) -> list[str]:
     n, k = report._engine_shape(info)
     names = [e for e in engines.ENGINES if any(e in timings[d][c] for d in timings for c in timings[d])]
     lines = [f"GEMM engines (`python -m impl engines`), GFLOP/s of (rows, {k}) @ ({k}, {n}); '-' = unavailable or "
-             "wrong here; impl holds: the fastest without a second copy, plain or packed weights:", "",
-             "| dtype | rows | " + " | ".join(names) + " | impl holds |", "|" + "---|" * (3 + len(names))]
+             "wrong here; the last column: the fastest impl may hold (no second copy; plain or packed weights):", "",
+             "| dtype | rows | " + " | ".join(names) + " | fastest, no second copy |", "|" + "---|" * (3 + len(names))]
     for dtype in timings:
         for rclass, row in timings[dtype].items():
             rows = engines.ROWS.get(rclass, 0)
@@ -204,7 +204,8 @@ def chart(data: dict, png: Path) -> None:
         ax.set_xticks(range(len(shapes)), [f"{s}\n(fp32 | bf16)" for s in shapes], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("GFLOP/s")
-        ax.set_title(f"{op}, one {model_name} layer", fontsize=10)
+        ax.set_title(f"{op}, the whole {model_name} model" if op == "forward" else f"{op}, one {model_name} layer",
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=4, loc="upper left")
     warning = trust_line(data["machine_info"])

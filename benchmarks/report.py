@@ -157,7 +157,7 @@ def bf16_prefill_goal(machine_info: dict) -> tuple[float, str]:
 
 def goals(machine_info: dict) -> list[str]:
     """The goals that depend on the machine, with the measurement that set each."""
-    return [f"fp32 at 17 tokens vs transformers: {short_fp32_goal(machine_info)[1]}.",
+    return [f"fp32 attention, FFN and layer at 17 tokens vs transformers: {short_fp32_goal(machine_info)[1]}.",
             f"bf16 / fp32 prefill at {PREFILL_FROM} tokens or more: {bf16_prefill_goal(machine_info)[1]}."]
 
 
@@ -172,7 +172,11 @@ def _beyond(what: str, info: dict, machine_info: dict, goal: float) -> str:
     best = best_engine(machine_info, dtype, rclass)
     if best is None:
         return "not shown: no engine table in this run"
+    if what == DECODE_BANDWIDTH and info.get("bandwidth_roof_how", "beyond the caches") != "beyond the caches":
+        return "not shown: this block's bytes fit in the caches, the engine table's weight does not"
     name, seconds = best
+    if engines.ENGINES[name].layout == engines.PACKED:  # a checking process holds plain weights: say so
+        name += " (packed weights, as a generate-only process holds them)"
     n, k = _engine_shape(machine_info)
     rows = engines.ROWS[rclass]
     if what == PREFILL_ROOF:
