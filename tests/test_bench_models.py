@@ -15,7 +15,8 @@ def _storage(t):
     return t.untyped_storage().data_ptr()
 
 
-def test_held_set_is_shared_by_user_impl_and_transformers(no_held):
+def test_held_set_is_shared_by_user_impl_and_transformers(no_held, monkeypatch):
+    monkeypatch.setenv("LLAMA3_GOLDEN_ENGINE", "torch")  # plain generation weights (packed ones are a second copy)
     h = models.held("tiny", "fp32")
     eager, sdpa = models.hf_model("tiny", "fp32", "eager"), models.hf_model("tiny", "fp32", "sdpa")
     w = h.weights
@@ -23,7 +24,7 @@ def test_held_set_is_shared_by_user_impl_and_transformers(no_held):
     assert _storage(eager.model.layers[0].mlp.down_proj.weight) == _storage(w["layers.0.feed_forward.w2.weight"])
     assert _storage(eager.model.layers[0].self_attn.q_proj.weight) == _storage(
         sdpa.model.layers[0].self_attn.q_proj.weight)  # one permuted copy of q for both attentions
-    # the plain wq and w1 are row views of impl's stacked matrices (the default run pins the plain layout)
+    # the plain wq and w1 are row views of impl's stacked matrices
     assert _storage(w["layers.0.attention.wq.weight"]) == _storage(h.generation["layers.0.attention.wqkv.weight"])
     assert _storage(w["layers.0.feed_forward.w1.weight"]) == _storage(h.generation["layers.0.feed_forward.w13.weight"])
 
