@@ -1,6 +1,11 @@
 """The hot path timed: attention block, SwiGLU FFN and the whole decoder layer (one layer), a whole model's
 forward (the user's `--impl`, impl, transformers) and end-to-end generation, every implementation in one group.
 
+Every 8B-shaped case lives in this one file, so that `tox -e slow` (`-n auto --dist loadfile`) runs them all in
+one xdist worker, in collection order: two workers each holding 8B-shaped weights were OOM-killed on a 24 GB
+machine. (`--dist loadgroup` with `xdist_group` marks would be finer, but silently stops grouping on pytest 9.2:
+pytest-dev/pytest-xdist#1386.)
+
 Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
 transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
 run executes each body once (--benchmark-disable) on the small cases; the 8B shapes, the long whole-model
@@ -73,10 +78,12 @@ DEFAULT_FORWARD = {("user", "fp32"), ("impl", "bf16")}
 
 
 def _forward_params():
+    # One (model, dtype) after the other, so each weight set is built once and let go before the next
+    # (benchmarks/models.py holds one 8B-shaped set at a time).
     for model_name in ("smollm2-135m", "llama-3-8b-1layer"):
-        for seq in models.FORWARD_SEQS:
-            for name in models.FORWARD_IMPLEMENTATIONS:
-                for dtype_name in DTYPES:
+        for dtype_name in DTYPES:
+            for seq in models.FORWARD_SEQS:
+                for name in models.FORWARD_IMPLEMENTATIONS:
                     # the default run: SmolLM2's 17 tokens, through the user's trace in fp32 and impl's fast path in
                     # bf16 (transformers' eager forward is the reference of every case); the rest is `slow`
                     slow = model_name != "smollm2-135m" or seq > 17 or (name, dtype_name) not in DEFAULT_FORWARD
@@ -89,7 +96,7 @@ def _forward_params():
 def test_forward(benchmark, user_forward, shape, name, dtype_name):
     """A whole forward over the prompt: `user` is `--impl module:callable` (impl's reference forward without it)."""
     fn = models.forward_case(name, shape, dtype_name, user_forward)
-    ref = models.forward_case("hf-eager", shape, dtype_name)()
+    ref = models.reference_logits(shape, dtype_name)
     got = models.user_last_logits(user_forward, shape, dtype_name) if name == "user" else fn()
     assert got is not None, "the user's forward reported no `logits` stage to the trace"
     err = cases.relative_error(got.reshape(-1), ref)
@@ -106,10 +113,10 @@ def _generate_params():
     """The default run executes the body once on impl in fp32 (impl's generate and transformers' eager generate, as
     its reference); the other five cases (transformers' generate on CPU, bf16 above all, took minutes on 2 cores)
     are `slow`."""
-    for name in models.GENERATE_IMPLEMENTATIONS:
-        for dtype_name in DTYPES:
+    for dtype_name in DTYPES:
+        for name in models.GENERATE_IMPLEMENTATIONS:
             slow = (name, dtype_name) != ("impl", "fp32")
-            yield pytest.param(name, dtype_name, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{dtype_name}")
+            yield pytest.param(name, dtype_name, marks=[pytest.mark.slow] if slow else [], id=f"{dtype_name}-{name}")
 
 
 @pytest.mark.parametrize(("name", "dtype_name"), list(_generate_params()))

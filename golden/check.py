@@ -32,6 +32,7 @@ import torch
 
 from golden import compare as cmp
 from golden.format import MANIFEST, Golden, GoldenError, check_same_model, dtype_name, load_golden
+from golden.sampling import Sampled
 from impl import stages
 from impl.errors import Llama3GoldenError
 
@@ -169,6 +170,11 @@ def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
             and candidate.manifest["model"]["config"] == golden.manifest["model"]["config"])
 
 
+def _rows(golden: Golden) -> list:
+    """Each stage's `rows` (golden.sampling), None where it is stored in full."""
+    return [e.get("rows") for e in golden.manifest["stages"]]
+
+
 def _siblings(golden: Golden) -> Iterator[Golden]:
     """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
     for p in _golden_folders(golden.path.parent):
@@ -271,7 +277,7 @@ def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
+def _normalise(name, tensor, config, seq: int, seen, copy: bool = True) -> torch.Tensor:
     """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
     logits of the last position."""
     if not isinstance(name, str):
@@ -293,7 +299,7 @@ def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
         t = t[0]
     if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
         t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
-    return t.clone()
+    return t.clone() if copy else t
 
 
 def _weight_digests(weights) -> dict[str, str]:
@@ -303,8 +309,13 @@ def _weight_digests(weights) -> dict[str, str]:
     return out
 
 
-def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
+def run_implementation(fn: Implementation, tokens: list[int], weights, config,
+                       on_stage: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor | None]:
     """Call fn under the trace protocol; returns the reported stages (detached copies).
+
+    With `on_stage`, each reported stage goes to on_stage(name, tensor) inside the trace call (the tensor as
+    the implementation reported it, normalised but not copied: compare it before returning) and is not kept:
+    the returned dict then maps each reported name to None.
 
     The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
     still interrupts) becomes one ImplementationError naming its file and line and the last stage it
@@ -312,19 +323,27 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
     error even if the user's code catches it.
     """
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor | None] = {}
     errors: list[ImplementationError] = []
+    ours: list[BaseException] = []  # raised by on_stage (the checker), not by the user's code
     seq = len(tokens)
 
     def trace(name, tensor) -> None:
         if errors:
             raise errors[0]
         try:
-            seen[name] = _normalise(name, tensor, config, seq, seen)
+            t = _normalise(name, tensor, config, seq, seen, copy=on_stage is None)
         except ImplementationError as e:
             e.stage = name if isinstance(name, str) else None
             errors.append(e)
             raise
+        seen[name] = t if on_stage is None else None
+        if on_stage is not None:
+            try:
+                on_stage(name, t)
+            except Exception as e:
+                ours.append(e)
+                raise
 
     size = sum(t.numel() * t.element_size() for t in weights.values())
     digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
@@ -337,6 +356,8 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
         if errors and e is errors[0]:
             raise _traced(errors[0], seen) from None
+        if ours:
+            raise ours[0] from None
         last = next(reversed(seen), None) if seen else None
         what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
                 else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
@@ -344,6 +365,8 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
                                           f"(last stage traced: {last or 'none'})"), seen) from None
     if errors:  # a bad trace call the user's code caught and went on from
         raise _traced(errors[0], seen)
+    if ours:
+        raise ours[0]
     if digests is not None:
         changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
         if changed:
@@ -353,6 +376,64 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     return seen
 
 
+class Stream:
+    """Compares each stage as the implementation traces it, then lets it go (`run_implementation(on_stage=...)`).
+
+    It keeps each stage's result, the logits check, and one tensor: the implementation's tensor of the earliest
+    failing stage in forward order so far, for the diagnosis. So a check holds the model, the golden and the
+    implementation's own working set, not every stage at once: an 8-layer check needs no more than a 2-layer one
+    (tests/test_sampling.py measures it). A sampled golden's stage (golden.sampling) is reduced here, from the full
+    tensor, with the recorder's own sampling function.
+    """
+
+    def __init__(self, expected, dtype: str, reference=None, hf_layout_config=None):
+        self.expected, self.reference = expected, reference
+        self.hf_layout_config = hf_layout_config  # --qk-layout hf: q/k stages put in Meta's order as they arrive
+        self.judge = cmp.judge_for(expected, dtype, reference)
+        self.judged: dict[str, cmp.StageResult] = {}
+        self.reported: list[str] = []
+        self.logits: cmp.LogitsCheck | None = None
+        self.kept: tuple[str, torch.Tensor] | None = None  # (key, tensor) of the earliest failing stage
+        # layout_hint's inputs: q and q_rope as reported, of the layer where a q or k stage is the earliest failure
+        self.layout_inputs: dict[str, torch.Tensor] = {}
+        self._last_q: tuple[str, torch.Tensor] | None = None  # the latest layer's q as reported (one tensor)
+
+    def __call__(self, key: str, raw: torch.Tensor) -> None:
+        self.reported.append(key)
+        if key not in self.expected:
+            return
+        layer, stage = stages.parse(key)
+        hf = self.hf_layout_config is not None and stage in QK_STAGES
+        t = to_meta_layout({key: raw}, self.hf_layout_config)[key] if hf else raw
+        r = self.judge.stage(key, t)
+        self.judged[key] = r
+        if key == stages.LOGITS:
+            self.logits = cmp.logits_check(self.expected, t, self.reference)
+        if stage == stages.Q:
+            self._last_q = (key, raw.clone())
+        if r.status == cmp.FAIL and (self.kept is None or cmp.forward_rank(key) < cmp.forward_rank(self.kept[0])):
+            self.kept = (key, t.clone())
+            self.layout_inputs = {}
+            if stage in (stages.Q, stages.K) and self._last_q is not None and self._last_q[0] == stages.key(stages.Q,
+                                                                                                             layer):
+                self.layout_inputs = dict([self._last_q])
+        if stage == stages.Q_ROPE and self.layout_inputs and self.kept[0] in (stages.key(stages.Q, layer),
+                                                                              stages.key(stages.K, layer)):
+            self.layout_inputs[key] = raw.clone()
+
+    def report(self, partial: bool = False) -> cmp.Report:
+        report = cmp.assemble(list(self.expected), self.judged, self.judge.dtype, self.reported)
+        report.partial, report.logits = partial, self.logits
+        return report
+
+    def actual(self) -> dict[str, torch.Tensor | None]:
+        """What the diagnosis reads: every reported key, with the kept tensor under its key (None elsewhere)."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(self.reported)
+        if self.kept is not None:
+            out[self.kept[0]] = self.kept[1]
+        return out
+
+
 def _traced(e: ImplementationError, seen) -> ImplementationError:
     e.traced = tuple(seen)
     return e
@@ -360,7 +441,7 @@ def _traced(e: ImplementationError, seen) -> ImplementationError:
 
 def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
                  qk_layout: str = "meta") -> cmp.Report:
-    """Run fn on the golden's tokens and compare every stage with the fp32 truth.
+    """Run fn on the golden's tokens and compare every stage with the fp32 truth as it is traced (`Stream`).
 
     bf16: the reference's own bf16 error (golden against truth) sets each stage's limit. Stages fn does not
     report make the verdict INCOMPLETE, or PARTIAL when `partial`. qk_layout "hf": fn reports q, k, q_rope and
@@ -368,16 +449,17 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     """
     if qk_layout not in QK_LAYOUTS:
         raise ImplementationError(f"--qk-layout {qk_layout!r}: expected one of {', '.join(QK_LAYOUTS)}")
-    reported = run_implementation(fn, golden.tokens, weights, config)
-    actual = to_meta_layout(reported, config) if qk_layout == "hf" else reported
-    reference = golden.tensors if golden.dtype == "bf16" else None
-    report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
+    stream = Stream(truth.tensors, golden.dtype, golden.tensors if golden.dtype == "bf16" else None,
+                    config if qk_layout == "hf" else None)
+    run_implementation(fn, golden.tokens, weights, config, on_stage=stream)
+    report = stream.report(partial)
     first = report.first_failure
     if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
         from golden.diagnose import diagnose
 
-        first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, diagnosis_limit(first))
-        hint = layout_hint(report, reported, truth.tensors, qk_layout)
+        first.diagnosis = diagnose(first.key, stream.actual(), truth.tensors, config, weights,
+                                   diagnosis_limit(first))
+        hint = layout_hint(report, stream.layout_inputs, truth.tensors, qk_layout)
         if hint:
             report.hints.append(hint)
     return report
@@ -412,6 +494,8 @@ def layout_hint(report: cmp.Report, reported, golden, qk_layout: str) -> str:
     first = report.first_failure
     if first is None or first.stage not in (stages.Q, stages.K) or first.layer is None:
         return ""
+    if any(isinstance(golden.get(stages.key(s, first.layer)), Sampled) for s in (stages.Q, stages.Q_ROPE)):
+        return ""  # a long prompt's golden keeps a few rows of q: the layout test needs them all
     other = "interleaved" if qk_layout == "hf" else "rotate_half"
     for stage in (stages.Q, stages.Q_ROPE):
         key = stages.key(stage, first.layer)
@@ -529,6 +613,9 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
         if truth.manifest["prompt"] != g.manifest["prompt"]:
             raise GoldenError(f"{g.path}: recorded on another prompt than its fp32 golden {truth.path}")
+        if _rows(truth) != _rows(g):
+            raise GoldenError(f"{g.path}: sampled at other positions than its fp32 golden {truth.path} (re-record both "
+                              f"with one version)")
         ckpt, weights = load_model_for(g, g.torch_dtype, model, checkpoints)
         key = str(ckpt.tokenizer)
         if key not in tokenizers:
