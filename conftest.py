@@ -20,3 +20,13 @@ def pytest_configure(config):
     # engines measured on the machine, as `impl generate` does.
     if not benchmarks_timed(config):
         os.environ.setdefault("LLAMA3_GOLDEN_ENGINE", "torch")
+    # One torch thread per xdist worker and core (`pytest -n auto` starts one worker per core): with torch's
+    # default of one OpenMP thread per core in every worker, the workers' threads outnumber the cores and each
+    # parallel region spin-waits for a thread that is not running. The CLI subprocesses that tests start inherit
+    # OMP_NUM_THREADS. A caller's own OMP_NUM_THREADS wins; a run without xdist keeps torch's default.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1 and not benchmarks_timed(config):
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
