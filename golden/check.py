@@ -16,6 +16,7 @@ reference's own bf16 golden saying how much bf16 error is fair (golden.compare).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 from golden import compare as cmp
+from golden.decode import DecodeReport, check_same_plan, check_steps, diff_steps, not_run, plan_of, why_not_run
 from golden.format import MANIFEST, Golden, GoldenError, check_same_model, dtype_name, load_golden
 from impl import stages
 from impl.errors import Llama3GoldenError
@@ -49,11 +51,14 @@ class ImplementationError(Llama3GoldenError):
 
 
 # ---------------------------------------------------------------- the implementation
-def impl_forward(tokens: torch.Tensor, weights, config, trace) -> torch.Tensor:
-    """impl's forward in the trace protocol."""
-    from impl.model import forward
+def impl_forward(tokens: torch.Tensor, weights, config, trace, start_pos: int = 0, cache=None):
+    """impl's reference forward in the trace protocol, with a KV cache (the decode protocol): -> (the last
+    position's logits, the cache, grown where the next tokens need room)."""
+    from impl.model import KVCache, forward
 
-    return forward(tokens, weights, config, trace=trace)
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    cache = KVCache.with_room(cache, config, start_pos + tokens.shape[0], weights["tok_embeddings.weight"].dtype)
+    return forward(tokens, weights, config, trace=trace, start_pos=start_pos, cache=cache, all_logits=False), cache
 
 
 def load_callable(spec: str | None) -> Implementation:
@@ -203,13 +208,13 @@ def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
+def _normalise(name, tensor, config, seq: int, seen, kv_len: int | None = None) -> torch.Tensor:
     """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
-    logits of the last position."""
+    logits of the last position. seq: the call's new positions; kv_len: every key it attends to (a decode step)."""
     if not isinstance(name, str):
         raise ImplementationError(f"reported a stage named {name!r}: stage names are strings like 'layers.0.q'")
     try:
-        layer, _ = stages.parse(name)
+        layer, stage = stages.parse(name)
     except KeyError:
         raise ImplementationError(f"reported an unknown stage {name[:80]!r} (the names: impl/stages.py)") from None
     if layer is not None and layer >= config.n_layers:
@@ -220,7 +225,7 @@ def _normalise(name, tensor, config, seq: int, seen) -> torch.Tensor:
                                   f"stacks its heads and reports them in one call, e.g. trace(name, "
                                   f"torch.stack(heads, dim=1)) for (seq, h, d), dim=0 for scores/probs (h, seq, seq)")
     t = _as_stage_tensor(name, tensor)
-    expected = stages.expected_shape(name, config, seq)
+    expected = stages.step_shape(stage, config, seq, seq if kv_len is None else kv_len)
     if tuple(t.shape) == (1, *expected):  # a batch of one
         t = t[0]
     if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
@@ -235,34 +240,45 @@ def _weight_digests(weights) -> dict[str, str]:
     return out
 
 
-def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
-    """Call fn under the trace protocol; returns the reported stages (detached copies).
+@contextlib.contextmanager
+def _weights_for(weights) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights an implementation gets: copies, or above COPY_LIMIT_BYTES the weights themselves with their
+    digests checked when it is done (ImplementationError if it wrote into them)."""
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
+    yield dict(weights) if digests is not None else {k: v.clone() for k, v in weights.items()}
+    if digests is not None:
+        changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
+        if changed:
+            raise ImplementationError(f"the implementation wrote into the weights it was given ({changed[0]}"
+                                      + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                                      + "): weights are read-only inputs, copy before modifying")
 
-    The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
-    still interrupts) becomes one ImplementationError naming its file and line and the last stage it
-    traced; it gets copies of the weights (or, above COPY_LIMIT_BYTES, the weights with their digest
-    checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
-    error even if the user's code catches it.
+
+def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len: int | None = None,
+                 cached: dict | None = None, context: str = "") -> tuple[dict[str, torch.Tensor], object]:
+    """One call of fn under the trace protocol: (the stages it reported, what it returned).
+
+    cached: the decode protocol's keywords (start_pos, cache), passed as given; context: where in a decode run
+    the call is ('decode step 2 at position 18'), said in every error.
     """
     seen: dict[str, torch.Tensor] = {}
     errors: list[ImplementationError] = []
     seq = len(tokens)
+    during = f" (in {context})" if context else ""
 
     def trace(name, tensor) -> None:
         if errors:
             raise errors[0]
         try:
-            seen[name] = _normalise(name, tensor, config, seq, seen)
+            seen[name] = _normalise(name, tensor, config, seq, seen, kv_len)
         except ImplementationError as e:
-            errors.append(e)
-            raise
+            errors.append(ImplementationError(f"{e}{during}") if context else e)
+            raise errors[-1] from None
 
-    size = sum(t.numel() * t.element_size() for t in weights.values())
-    digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
-    given = dict(weights) if digests is not None else {k: v.clone() for k, v in weights.items()}
     try:
         with torch.inference_mode():
-            fn(torch.tensor(tokens, dtype=torch.long), given, config, trace)
+            result = fn(torch.tensor(tokens, dtype=torch.long), given, config, trace, **(cached or {}))
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
@@ -272,16 +288,64 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
         what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
                 else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
         raise ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
-                                  f"(last stage traced: {last or 'none'})") from None
+                                  f"({context + ', ' if context else ''}last stage traced: {last or 'none'})") from None
     if errors:  # a bad trace call the user's code caught and went on from
         raise errors[0]
-    if digests is not None:
-        changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
-        if changed:
-            raise ImplementationError(f"the implementation wrote into the weights it was given ({changed[0]}"
-                                      + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
-                                      + "): weights are read-only inputs, copy before modifying")
+    return seen, result
+
+
+def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
+    """Call fn under the trace protocol; returns the reported stages (detached copies).
+
+    The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
+    still interrupts) becomes one ImplementationError naming its file and line and the last stage it
+    traced; it gets copies of the weights (or, above COPY_LIMIT_BYTES, the weights with their digest
+    checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
+    error even if the user's code catches it.
+    """
+    with _weights_for(weights) as given:
+        seen, _ = _traced_call(fn, tokens, given, config)
     return seen
+
+
+# ---------------------------------------------------------------- the decode protocol
+def takes_cache(fn: Implementation) -> bool:
+    """True if fn follows the decode protocol: it takes `start_pos` and `cache` (README, "Checking decoding")."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature: prefill only
+        return False
+    return "start_pos" in params and "cache" in params
+
+
+def run_decode(fn: Implementation, golden: Golden, weights, config
+               ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """The decode protocol: fn(prompt, ..., start_pos=0, cache=None) -> (logits, cache), then per step
+    fn([token], ..., start_pos=position, cache=cache) with the cache it returned; the stages of the prefill and of
+    each step. The tokens fed are the golden's (golden.decode: the fp32 reference's greedy tokens)."""
+    plan = plan_of(golden)
+    with _weights_for(weights) as given:
+        prefill, result = _traced_call(fn, golden.tokens, given, config, cached={"start_pos": 0, "cache": None},
+                                       context="the prefill of a decode run")
+        steps = []
+        for step in range(1, plan.steps + 1):
+            cache = _returned_cache(result, "the prefill" if step == 1 else f"decode step {step - 1}")
+            position = plan.position(step)
+            seen, result = _traced_call(fn, [plan.greedy[step - 1]], given, config, kv_len=position + 1,
+                                        cached={"start_pos": position, "cache": cache},
+                                        context=f"decode step {step} at position {position}")
+            steps.append(seen)
+        _returned_cache(result, f"decode step {plan.steps}")
+    return prefill, steps
+
+
+def _returned_cache(result, where: str):
+    """The cache of a (logits, cache) result, or ImplementationError saying what the call returned instead."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise ImplementationError(f"{where}: a cached implementation (it takes start_pos and cache) returns "
+                                  f"(logits, cache), not a {got}")
+    return result[1]
 
 
 def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
@@ -292,6 +356,13 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     report make the verdict INCOMPLETE, or PARTIAL when `partial`.
     """
     actual = run_implementation(fn, golden.tokens, weights, config)
+    return compare_prefill(actual, golden, truth, config, weights, partial)
+
+
+def compare_prefill(actual: dict[str, torch.Tensor], golden: Golden, truth: Golden, config, weights,
+                    partial: bool = False) -> cmp.Report:
+    """The prefill's stages that an implementation reported, against the golden's: a Report, the first failure
+    diagnosed."""
     reference = golden.tensors if golden.dtype == "bf16" else None
     report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
     first = report.first_failure
@@ -300,6 +371,20 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
 
         first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, diagnosis_limit(first))
     return report
+
+
+def check_with_decode(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
+                      ) -> tuple[cmp.Report, DecodeReport]:
+    """The prefill check and, where the golden holds decode steps and fn takes a cache, the decode steps' (one run:
+    the prefill that fills the cache is the one checked). A prefill-only fn gets DecodeReport.not_run, never a
+    failure."""
+    why_not = why_not_run(takes_cache(fn), golden)
+    if why_not:
+        return check_golden(fn, golden, truth, config, weights, partial), not_run(why_not, golden)
+    check_same_plan(golden, truth)
+    prefill, steps = run_decode(fn, golden, weights, config)
+    return (compare_prefill(prefill, golden, truth, config, weights, partial),
+            check_steps(steps, golden, truth, config, weights, partial))
 
 
 def diagnosis_limit(first: cmp.StageResult) -> float:
@@ -370,6 +455,12 @@ class Outcome:
     tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
     prompt_check: str = ""  # 'tokenizes to ...' or 'not re-tokenized: why'
     impl: str = "impl"  # the implementation checked, as the user named it (--impl), for titles
+    decode: DecodeReport | None = None  # the decode steps' check (its own verdict), or why none ran
+
+    @property
+    def passed(self) -> bool:
+        """The prefill passed (or a --partial one) and the decode passed or had nothing to run: exit 0."""
+        return self.report.passed and (self.decode is None or self.decode.passed)
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -397,8 +488,8 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             tokenizers[key] = load_tokenizer_offline(ckpt.tokenizer)
         tok, why_not = tokenizers[key]
         prompt_check = verify_prompt(g, tok, why_not)
-        report = check_golden(fn, g, truth, ckpt.config, weights, partial)
-        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl"))
+        report, decode = check_with_decode(fn, g, truth, ckpt.config, weights, partial)
+        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl", decode))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes
@@ -429,6 +520,11 @@ class Diff:
     b: Golden  # compared against a
     report: cmp.Report
     prompt_check: str = ""
+    decode: DecodeReport | None = None  # the decode steps, b against a
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed and (self.decode is None or self.decode.passed)
 
 
 def tokenizer_of(model_name: str):
@@ -448,4 +544,4 @@ def diff(a: str | Path, b: str | Path) -> Diff:
     tok, why_not = load_tokenizer_offline(tokenizer_of(ga.model_name))
     verify_prompt(ga, tok, why_not)
     prompt_check = verify_prompt(gb, tok, why_not)
-    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check)
+    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check, diff_steps(ga, gb))
