@@ -196,7 +196,7 @@ def test_committed_baseline_rerecords_without_drift(name, tmp_path):
 # ---------------------------------------------------------------- diff
 def _perturbed(src, dst, key, factor):
     g = load_golden(src)
-    tensors = dict(g.tensors)
+    tensors = g.stored()  # the decode steps' too
     tensors[key] = (tensors[key].float() * factor).to(tensors[key].dtype)
     fields = {k: v for k, v in g.manifest.items() if k not in ("format", "version", "layout", "stages",
                                                                "activations_sha256")}
