@@ -267,13 +267,16 @@ def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tenso
 
 
 def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str = "fp32",
-            reference: Mapping[str, torch.Tensor] | None = None, partial: bool = False) -> Report:
+            reference: Mapping[str, torch.Tensor] | None = None, partial: bool = False,
+            decode_step: bool = False) -> Report:
     """Check `actual` against the fp32 golden `expected`, every stage the golden holds.
 
     dtype "fp32": relative error within the fp32 bound. dtype "bf16": `reference` is the
     reference's bf16 golden of the same model and prompt; the implementation's error against
     the fp32 golden may be at most factor x the reference's own error (+ floor), and at the RMSNorm
     outputs its scale bias at most `bf16_scale_bias` x what rounding allows (golden.tolerances).
+    decode_step: the tensors are one decode step's, one position each (golden.decode): bf16 uses the decode
+    factors of golden.tolerances and no scale-bias rule (it needs many rows).
     """
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, not {dtype!r}")
@@ -285,11 +288,12 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
         if dtype == "fp32":
             return tol.fp32_rel, None
         ref_m = stage_metrics(reference[key], expected[key]) if key in reference else None
-        return tol.bf16_factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor, ref_m
+        factor = tolerances.decode_bf16_factor(stage) if decode_step else tol.bf16_factor
+        return factor * (ref_m.rel if ref_m else 0.0) + tol.bf16_floor, ref_m
 
     def bias_for(key: str, stage: str) -> ScaleBias | None:
         limit = tolerances.tolerance(stage).bf16_scale_bias
-        if dtype != "bf16" or limit is None or key not in reference:
+        if dtype != "bf16" or limit is None or key not in reference or decode_step:
             return None
         return scale_bias(actual[key], expected[key], reference[key], stage, limit)
 

@@ -27,7 +27,8 @@ the implementation applies it, on the entries that decide the next token (the go
 rivals) and on an even spread of the rest (every stride-th id). The next-token check uses the implementation's
 full vector (its argmax against t(s+1), a near-tie allowed as in the prefill), and KL is measured over top-k + 1
 bins (the top-k ids and everything else as one bin, whose golden mass is `tail_logprob`): merging outcomes never
-increases KL, so this is a lower bound of the full KL, judged by the prefill's KL limits. Every decode bug of the
+increases KL, so this is a lower bound of the full KL (judged as golden.tolerances says for one row of a decode
+step). Every decode bug of the
 README's table shows at an upstream stage the step holds in full (rope_cos, q_rope, scores) long before the logits.
 """
 
@@ -328,7 +329,7 @@ def sampled_logits_check(full: torch.Tensor, ids: torch.Tensor, top_k: int, trut
         noise = 2 * float((reference[stages.LOGITS].double() - expected).abs().max())
         ref_kl = bucket_kl(truth[stages.LOGPROBS_LAST][:top_k], truth_tail, reference[stages.LOGPROBS_LAST][:top_k],
                            ref_tail)
-        kl_limit = tolerances.KL_FACTOR * ref_kl + tolerances.KL_FLOOR
+        kl_limit = tolerances.DECODE_KL_FACTOR * ref_kl + tolerances.KL_FLOOR  # one row's KL (golden.tolerances)
     return cmp.LogitsCheck(kl, kl_limit, top1, top1_golden, top1 == top1_golden or gap <= noise, ref_kl)
 
 
@@ -358,7 +359,7 @@ def check_steps(actual_steps: list[dict[str, torch.Tensor]], golden: Golden, tru
             if k in sampled and tuple(sampled[k].shape) == (config.vocab_size,):
                 sampled[k] = sampled[k][ids]
         compared.append(sampled)
-        report = cmp.compare(expected, sampled, golden.dtype, reference, partial=partial)
+        report = cmp.compare(expected, sampled, golden.dtype, reference, partial=partial, decode_step=True)
         report.not_recorded = []  # a step may report every stage; the golden holds the documented subset
         if full is not None and tuple(full.shape) == (config.vocab_size,):
             report.logits = sampled_logits_check(full, ids, plan.top_k, expected, _tails(truth)[step - 1], reference,

@@ -124,3 +124,12 @@ def test_decode_bug_is_caught_on_smollm2(monkeypatch, goldens, models, mutation,
 def test_decode_mutations_patch_documented_seams_only():
     targets = {spec[0] for spec in MUTATIONS.values() if spec[0] is not None}
     assert targets <= documented_seams(), f"undocumented seams: {sorted(targets - documented_seams())}"
+
+
+@pytest.mark.slow
+def test_decode_kl_limit_fails_a_bug(monkeypatch, goldens, models):
+    """The decode steps' KL limit (golden.tolerances.DECODE_KL_FACTOR, 40x the reference's own) can fail: RoPE at
+    position 0 puts SmolLM2's first step at ~28x that limit in bf16 (its first failure is upstream, at rope_cos)."""
+    _, decode = run_mutant(monkeypatch, goldens, models, "rope-at-position-0", "smollm2-135m", "bf16")
+    lg = decode.steps[0].report.logits
+    assert lg.kl >= 2 * lg.kl_limit, f"KL {lg.kl:.2e}, limit {lg.kl_limit:.2e}"

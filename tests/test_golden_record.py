@@ -141,6 +141,16 @@ def test_capture_rope_rotates_adjacent_pairs(eager):
         torch.testing.assert_close(eager[f"layers.1.{name}_rope"], rotated, msg=name)
 
 
+def test_decode_steps_feed_transformers_greedy_generation(tiny, tokens):
+    """The committed decode steps feed what transformers' own `generate` picks, greedily, after the prompt."""
+    greedy = load_golden(DATA_DIR / "tiny/fp32").manifest["decode"]["greedy"]
+    with torch.inference_mode():
+        ids = torch.tensor([tokens])
+        out = tiny.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(greedy),
+                                     do_sample=False, pad_token_id=0)
+    assert out[0, len(tokens):].tolist() == greedy
+
+
 def test_record_refuses_bad_input(tmp_path):
     with pytest.raises(Llama3GoldenError, match="empty prompt"):
         record("tiny", "", "fp32", out=tmp_path / "unused")
