@@ -1,24 +1,11 @@
-"""Project-wide pytest options: `--impl module:callable` checks your own implementation, `--partial` only the
-stages it reports."""
+"""Project-wide pytest setup. The `--impl` family of options lives in the golden checks' plugin
+(golden/pytest_plugin.py) and `--impl-tokenizer` in the tokenizer check's (golden/pytest_tokenizer.py), the
+package's pytest11 entry points; they are named here too for a checkout whose installed metadata predates
+them (registered under their module names, each loads once either way). pytester runs the plugins' tests."""
 
 import os
 
-
-def pytest_addoption(parser):
-    parser.addoption(
-        "--impl",
-        action="store",
-        default=None,
-        metavar="MODULE:CALLABLE",
-        help="run the golden checks against this implementation (trace protocol, see README) instead of impl",
-    )
-    parser.addoption(
-        "--partial",
-        action="store_true",
-        default=False,
-        help="check only the stages the implementation reports (logits still required); without it a stage "
-             "not reported fails",
-    )
+pytest_plugins = ["pytester", "golden.pytest_plugin", "golden.pytest_tokenizer"]
 
 
 def benchmarks_timed(config) -> bool:

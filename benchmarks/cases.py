@@ -279,6 +279,13 @@ def reference(op: str, shape: Shape, dtype_name: str) -> torch.Tensor:
     return implementation(op, REFERENCE[op], shape, dtype_name)()
 
 
+def release() -> None:
+    """Let go of every cached weight, input and reference output (rebuilt when asked again): before a whole
+    model needs the room (benchmarks.models.held)."""
+    for cached in (layer_weights, fused_weights, generation_weights, inputs, reference):
+        cached.cache_clear()
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in fp64 (NMSE's square root, as llama.cpp compares matmul-like ops)."""
     out, ref = out.double(), ref.double()

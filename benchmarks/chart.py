@@ -72,11 +72,65 @@ def roofs_markdown(info: dict) -> list[str]:
     return lines
 
 
+MAX_OTHER_SHARE = 0.05  # other processes' share of the CPU above which a run's timings are not trusted
+
+
+def trust_line(info: dict) -> str | None:
+    """A warning when other processes shared the machine (or nobody knows): the timings are then stalls."""
+    share = info.get("torch", {}).get("other_processes_cpu_share")
+    if share is not None and share <= MAX_OTHER_SHARE:
+        return None
+    took = "an unknown share" if share is None else f"{100 * share:.0f}%"
+    return (f"**NOT A TRUSTWORTHY RUN: other processes took {took} of the CPU** (at most "
+            f"{100 * MAX_OTHER_SHARE:.0f}% for a run whose times, ratios and targets count).")
+
+
+def engines_markdown(info: dict) -> list[str]:
+    """The run's GEMM engine table (impl.engines): GFLOP/s per engine and row class, and impl's choice."""
+    from impl import engines
+
+    timings = info.get("engines")
+    if not timings:
+        return ["No engine table in this JSON (a run from before issue 14)."]
+    n, k = report._engine_shape(info)
+    names = [e for e in engines.ENGINES if any(e in timings[d][c] for d in timings for c in timings[d])]
+    lines = [f"GEMM engines (`python -m impl engines`), GFLOP/s of (rows, {k}) @ ({k}, {n}); '-' = unavailable or "
+             "wrong here; the last column: the fastest impl may hold (no second copy; plain or packed weights):", "",
+             "| dtype | rows | " + " | ".join(names) + " | fastest, no second copy |", "|" + "---|" * (3 + len(names))]
+    for dtype in timings:
+        for rclass, row in timings[dtype].items():
+            rows = engines.ROWS.get(rclass, 0)
+            cells = [f"{2 * rows * n * k / row[e] / 1e9:.1f}" if row.get(e) else "-" for e in names]
+            best = report.best_engine(info, dtype, rclass)
+            lines.append(f"| {dtype} | {rclass} ({rows}) | " + " | ".join(cells) + f" | {best[0] if best else '-'} |")
+    return lines
+
+
+def targets_markdown(benchmarks: list[dict], info: dict) -> list[str]:
+    """Every issue-14 target as a ratio of this run's numbers: met or missed, and for a missed one whether this
+    run's engine table shows it beyond the best engine impl may hold."""
+    found = report.targets(benchmarks, info)
+    lines = ["Goals set by this machine's measurements:"] + [f"- {g}" for g in report.goals(info)] + [
+        "", "| target | where | measured | goal | | beyond the machine's best engine? |", "|---|---|---|---|---|---|"]
+    for t in found:
+        lines.append(f"| {t.what} | {t.where} | {t.value:.2f} | {t.goal:.2f} | {'met' if t.met else 'MISSED'} "
+                     f"| {t.beyond} |")
+    lines.append(f"\n{sum(t.met for t in found)} of {len(found)} target checks met (a ratio >= {report.TIE} of its "
+                 "goal counts as a tie for the vs-transformers goals).")
+    missing = report.unmeasured(found)
+    if missing:
+        lines.append("Not in this run (no row above): " + "; ".join(missing) + ".")
+    return lines
+
+
 def markdown(data: dict) -> str:
     benchmarks = data["benchmarks"]
-    lines = [f"Machine: {_machine(data)}. Run {data.get('datetime', '')[:16]}. Times: the fastest round"
-             + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
-    lines += roofs_markdown(data["machine_info"]) + [""]
+    info = data["machine_info"]
+    lines = [f"Machine: {_machine(data)}. Run {data.get('datetime', '')[:16]}, {len(benchmarks)} benchmarks. "
+             "Times: the fastest round" + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
+    if (warning := trust_line(info)) is not None:
+        lines += [warning, ""]
+    lines += roofs_markdown(info) + [""] + engines_markdown(info) + [""]
     names = [n for n in COLOURS if any(b["extra_info"]["implementation"] == n for b in benchmarks)]
     lines += ["| block | model | shape | dtype | " + " | ".join(names) + " | roof (bound) | "
               "hot % of roof | hot vs best hf | hot bf16/fp32 |",
@@ -99,12 +153,7 @@ def markdown(data: dict) -> str:
     lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only), tokens/s for `generate`. Hot: "
               "impl-fused for blocks and layers, impl for whole models. Roof: the block's FLOPs at the machine's "
               "best GEMM rate, or its bytes at the read rate, whichever takes longer.", ""]
-    found = report.targets(benchmarks, data["machine_info"])
-    lines += ["| target | where | measured | goal | |", "|---|---|---|---|---|"]
-    for t in found:
-        lines.append(f"| {t.what} | {t.where} | {t.value:.2f} | {t.goal:.2f} | {'met' if t.met else 'MISSED'} |")
-    lines.append(f"\n{sum(t.met for t in found)} of {len(found)} target checks met "
-                 f"(a ratio >= {report.TIE} of its goal counts as a tie for the vs-transformers goals).")
+    lines += targets_markdown(benchmarks, info)
     violations = report.roof_violations(benchmarks)
     if violations:
         lines += ["", "ROOF EXCEEDED (the roof measurement is wrong; this run fails):"] + [f"- {v}" for v in violations]
@@ -155,10 +204,13 @@ def chart(data: dict, png: Path) -> None:
         ax.set_xticks(range(len(shapes)), [f"{s}\n(fp32 | bf16)" for s in shapes], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("GFLOP/s")
-        ax.set_title(f"{op}, one {model_name} layer", fontsize=10)
+        ax.set_title(f"{op}, the whole {model_name} model" if op == "forward" else f"{op}, one {model_name} layer",
+                     fontsize=10)
         ax.grid(axis="y", alpha=0.3, which="both")
         ax.legend(fontsize=7, ncol=4, loc="upper left")
-    fig.suptitle(_machine(data), fontsize=8)
+    warning = trust_line(data["machine_info"])
+    fig.suptitle(_machine(data) + ("\n" + warning.replace("**", "") if warning else ""), fontsize=8,
+                 color="black" if warning is None else "red")
     fig.tight_layout()
     fig.savefig(png, dpi=72)
     plt.close(fig)

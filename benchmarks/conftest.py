@@ -35,7 +35,7 @@ def user_forward(request):
     """The `user` implementation of the forward groups: `--impl module:callable`, else impl.model.forward."""
     from golden.check import load_callable
 
-    return load_callable(request.config.getoption("--impl"))
+    return load_callable(request.config.getoption("impl"))
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
@@ -60,7 +60,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     machine_info["roofs"] = roofs.measured()
-    machine_info["engines"] = engines.table()["timings"]
+    table = engines.table()
+    machine_info["engines"] = table["timings"]
+    machine_info["engines_shape"] = table.get("shape", list(engines.MEASURE_SHAPE))  # the weight's (out, in)
     machine_info["engine_pinned"] = os.environ.get(engines.ENV)
 
 

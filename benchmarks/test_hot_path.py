@@ -1,6 +1,11 @@
 """The hot path timed: attention block, SwiGLU FFN and the whole decoder layer (one layer), a whole model's
 forward (the user's `--impl`, impl, transformers) and end-to-end generation, every implementation in one group.
 
+Every 8B-shaped case lives in this one file, so that `tox -e slow` (`-n auto --dist loadfile`) runs them all in
+one xdist worker, in collection order: two workers each holding 8B-shaped weights were OOM-killed on a 24 GB
+machine. (`--dist loadgroup` with `xdist_group` marks would be finer, but silently stops grouping on pytest 9.2:
+pytest-dev/pytest-xdist#1386.)
+
 Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
 transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
 run executes each body once (--benchmark-disable) on the small cases; the 8B shapes and the long whole-model
@@ -69,13 +74,15 @@ def test_layer(benchmark, shape, name, dtype_name):
 
 # ------------------------------------------------------------------------------------------- whole models
 def _forward_params():
+    # One (model, dtype) after the other, so each weight set is built once and let go before the next
+    # (benchmarks/models.py holds one 8B-shaped set at a time).
     for model_name in ("smollm2-135m", "llama-3-8b-1layer"):
-        for seq in models.FORWARD_SEQS:
-            slow = model_name != "smollm2-135m" or seq > 17  # the default run: SmolLM2's 17 tokens only
-            for name in models.FORWARD_IMPLEMENTATIONS:
-                for dtype_name in DTYPES:
-                    yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name,
-                                       marks=[pytest.mark.slow] if slow else [],
+        for dtype_name in DTYPES:
+            for seq in models.FORWARD_SEQS:
+                slow = model_name != "smollm2-135m" or seq > 17  # the default run: SmolLM2's 17 tokens only
+                marks = [pytest.mark.slow] if slow else []
+                for name in models.FORWARD_IMPLEMENTATIONS:
+                    yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name, marks=marks,
                                        id=f"{model_name}-prefill-{seq}-{name}-{dtype_name}")
 
 
@@ -83,7 +90,7 @@ def _forward_params():
 def test_forward(benchmark, user_forward, shape, name, dtype_name):
     """A whole forward over the prompt: `user` is `--impl module:callable` (impl's reference forward without it)."""
     fn = models.forward_case(name, shape, dtype_name, user_forward)
-    ref = models.forward_case("hf-eager", shape, dtype_name)()
+    ref = models.reference_logits(shape, dtype_name)
     got = models.user_last_logits(user_forward, shape, dtype_name) if name == "user" else fn()
     assert got is not None, "the user's forward reported no `logits` stage to the trace"
     err = cases.relative_error(got.reshape(-1), ref)
@@ -96,8 +103,8 @@ def test_forward(benchmark, user_forward, shape, name, dtype_name):
     _record(benchmark, fn, f"forward {shape.model} {shape.label}", info, info["flops"] / 40e9)
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("name", models.GENERATE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_generate(benchmark, name, dtype_name):
     """End to end: `impl generate`'s fast path (its prepared weights) vs transformers' greedy generate."""
     fn = models.generate_case(name, dtype_name)

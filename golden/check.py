@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,7 +49,14 @@ Implementation = Callable[..., object]
 
 
 class ImplementationError(Llama3GoldenError):
-    """`--impl module:callable` that cannot be imported, or that raised while running."""
+    """`--impl module:callable` that cannot be imported, or that raised while running.
+
+    Raised while running, it says how far the run got: `traced`, the stages reported before it happened, and
+    `stage`, the stage a bad trace call named (None for a crash): pytest --impl fails that stage's test.
+    """
+
+    traced: tuple[str, ...] = ()
+    stage: str | None = None
 
 
 # ---------------------------------------------------------------- the implementation
@@ -61,26 +70,70 @@ def impl_forward(tokens: torch.Tensor, weights, config, trace, start_pos: int = 
     return forward(tokens, weights, config, trace=trace, start_pos=start_pos, cache=cache, all_logits=False), cache
 
 
-def load_callable(spec: str | None) -> Implementation:
-    """'package.module:function' -> the function. None -> impl's own forward."""
+def load_callable(spec: str | None, option: str = "--impl") -> Implementation:
+    """'package.module:function' or 'path/to/file.py:function' -> the function. None -> impl's own forward.
+
+    A file (a notebook export, a script beside no package) is loaded by its path; its folder is appended to
+    sys.path so that it can import the modules beside it, as `python file.py` could. `option` names the option
+    in messages (--impl, --impl-tokenizer).
+    """
     if spec is None:
         return impl_forward
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ImplementationError(f"--impl {spec!r}: expected module:callable, e.g. my_llama:forward")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # the user's module: any import error is theirs to see in one line
-        raise ImplementationError(
-            f"--impl {spec!r}: cannot import {module_name} ({e.__class__.__name__}: {e})") from None
+    where, sep, attr = spec.rpartition(":")  # rpartition: a Windows path has a colon of its own
+    if not sep or not where or not attr:
+        raise ImplementationError(f"{option} {spec!r}: expected module:callable or path/to/file.py:callable, "
+                                  f"e.g. my_llama:forward")
+    module = _load_file(spec, Path(where), option) if _is_file(where) else _import(spec, where, option)
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
         if fn is None:
-            raise ImplementationError(f"--impl {spec!r}: {module_name} has no attribute {attr}")
+            raise ImplementationError(f"{option} {spec!r}: {where} has no attribute {attr}")
     if not callable(fn):
-        raise ImplementationError(f"--impl {spec!r}: {attr} is not callable")
+        raise ImplementationError(f"{option} {spec!r}: {attr} is not callable")
     return fn
+
+
+def _is_file(where: str) -> bool:
+    return where.endswith(".py") or "/" in where or os.sep in where
+
+
+def _import(spec: str, module_name: str, option: str):
+    try:
+        return importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any import error is theirs to see in one line
+        missing = isinstance(e, ModuleNotFoundError) and e.name is not None and (
+            module_name == e.name or module_name.startswith(e.name + "."))
+        hint = (f"; run from the folder that holds it, or give its file: path/to/{module_name.rpartition('.')[2]}.py:"
+                f"{spec.rpartition(':')[2]}" if missing else "")
+        raise ImplementationError(f"{option} {spec!r}: cannot import {module_name} ({e.__class__.__name__}: "
+                                  f"{_first_line(e)}){hint}") from None
+
+
+def _load_file(spec: str, path: Path, option: str):
+    """A module from a .py file, under a name of its own (a file called impl.py or golden.py shadows nothing)."""
+    if not path.is_file():
+        raise ImplementationError(f"{option} {spec!r}: no file {path}")
+    if path.suffix != ".py":
+        raise ImplementationError(f"{option} {spec!r}: {path} is not a .py file")
+    path = path.resolve()
+    name = f"_llama3_golden_impl_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    sys.modules[name] = module  # before running it, as an import does (dataclasses look their module up there)
+    try:
+        loader_spec.loader.exec_module(module)
+    except BaseException as e:
+        del sys.modules[name]
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise ImplementationError(f"{option} {spec!r}: cannot import {path.name} ({e.__class__.__name__}: "
+                                  f"{_first_line(e)} at {_where(e, str(path))})") from None
+    return module
 
 
 # ---------------------------------------------------------------- the goldens
@@ -89,15 +142,23 @@ def golden_set(path: str | Path | None) -> list[Golden]:
 
     Dot-folders are skipped: `.fp32.tmp-*` / `.fp32.old-*` are a writer's temp folders (golden.format).
     """
+    return [load_golden(p) for p in golden_folders(path)]
+
+
+def golden_folders(path: str | Path | None) -> list[Path]:
+    """The golden folders golden_set loads, without loading them. A path that does not exist may name a committed
+    golden: `tiny`, `tiny/fp32`, `smollm2-135m` (golden/data, shipped with the package)."""
     if path is None:
-        return [g for name in DEFAULT_SET for g in golden_set(DATA / name)]
+        return [p for name in DEFAULT_SET for p in golden_folders(DATA / name)]
     path = Path(path)
+    if not path.exists() and not path.is_absolute() and (DATA / path).is_dir():
+        path = DATA / path
     if (path / MANIFEST).is_file():
-        return [load_golden(path)]
+        return [path]
     if path.is_dir():
         subs = _golden_folders(path)
         if subs:
-            return [load_golden(p) for p in subs]
+            return subs
     raise GoldenError(f"{path}: not a golden folder (no {MANIFEST} in it or in its subfolders)")
 
 
@@ -140,18 +201,25 @@ def _known_model(name: str) -> bool:
     return name in RANDOM_PRESETS or name in assets.ASSETS
 
 
-def load_model_for(golden: Golden, dtype: torch.dtype, model: str | None = None):
+def load_model_for(golden: Golden, dtype: torch.dtype, model: str | None = None, loaded: dict | None = None):
     """impl's loader on the golden's model (or `model`, given by the user), verified to be the model the golden
-    was recorded for. A golden naming a path or a Hub id is refused unless the user passes the model."""
+    was recorded for. A golden naming a path or a Hub id is refused unless the user passes the model.
+
+    loaded: a dict that keeps each checkpoint (and its digest) by name across calls, so that the fp32 and bf16
+    goldens of one model load it once (check, pytest --impl's session)."""
     from impl.weights import load_checkpoint, sha256_of_weights
 
     name = golden.model_name if model is None else str(model)
     if model is None and not _known_model(name):
         raise GoldenError(f"{golden.path}: recorded for model {name[:80]!r}, which check loads only when you name it: "
                           f"pass --model NAME_OR_PATH (a preset, an asset, or your copy of that model)")
-    # As stored (dtype None), like the recorder: the same digest, and no fp32 copy of a bf16 checkpoint.
-    ckpt = load_checkpoint(name, dtype=None)
-    check_same_model(golden, ckpt.config, sha256_of_weights(ckpt.weights), name)
+    loaded = {} if loaded is None else loaded
+    if name not in loaded:
+        # As stored (dtype None), like the recorder: the same digest, and no fp32 copy of a bf16 checkpoint.
+        ckpt = load_checkpoint(name, dtype=None)
+        loaded[name] = ckpt, sha256_of_weights(ckpt.weights)
+    ckpt, digest = loaded[name]
+    check_same_model(golden, ckpt.config, digest, name)
     return ckpt, {k: v.to(dtype) for k, v in ckpt.weights.items()}  # .to is a no-op where the dtype matches
 
 
@@ -256,11 +324,14 @@ def _weights_for(weights) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len: int | None = None,
-                 cached: dict | None = None, context: str = "") -> tuple[dict[str, torch.Tensor], object]:
+                 cached: dict | None = None, context: str = "", prefix: str = "", before: tuple[str, ...] = ()
+                 ) -> tuple[dict[str, torch.Tensor], object]:
     """One call of fn under the trace protocol: (the stages it reported, what it returned).
 
     cached: the decode protocol's keywords (start_pos, cache), passed as given; context: where in a decode run
-    the call is ('decode step 2 at position 18'), said in every error.
+    the call is ('decode step 2 at position 18'), said in every error. An error carries the golden keys of the
+    stage it is about (`stage`) and of those traced before it in the run (`traced`): a decode step's are
+    `prefix` + key ('decode.2.'), after the keys traced in the calls `before` it.
     """
     seen: dict[str, torch.Tensor] = {}
     errors: list[ImplementationError] = []
@@ -273,8 +344,11 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
         try:
             seen[name] = _normalise(name, tensor, config, seq, seen, kv_len)
         except ImplementationError as e:
-            errors.append(ImplementationError(f"{e}{during}") if context else e)
-            raise errors[-1] from None
+            if context:
+                e = ImplementationError(f"{e}{during}")
+            e.stage = prefix + name if isinstance(name, str) else None
+            errors.append(e)
+            raise e from None
 
     try:
         with torch.inference_mode():
@@ -283,15 +357,22 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
         raise
     except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
         if errors and e is errors[0]:
-            raise errors[0] from None
+            raise _traced(errors[0], seen, prefix, before) from None
         last = next(reversed(seen), None) if seen else None
         what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
                 else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
-        raise ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
-                                  f"({context + ', ' if context else ''}last stage traced: {last or 'none'})") from None
+        raise _traced(ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
+                                          f"({context + ', ' if context else ''}last stage traced: {last or 'none'})"),
+                      seen, prefix, before) from None
     if errors:  # a bad trace call the user's code caught and went on from
-        raise errors[0]
+        raise _traced(errors[0], seen, prefix, before)
     return seen, result
+
+
+def _traced(e: ImplementationError, seen, prefix: str = "", before: tuple[str, ...] = ()) -> ImplementationError:
+    """e, with the golden keys traced before it (`traced`): where a crash happened, for pytest --impl."""
+    e.traced = before + tuple(prefix + k for k in seen)
+    return e
 
 
 def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
@@ -327,14 +408,16 @@ def run_decode(fn: Implementation, golden: Golden, weights, config
     with _weights_for(weights) as given:
         prefill, result = _traced_call(fn, golden.tokens, given, config, cached={"start_pos": 0, "cache": None},
                                        context="the prefill of a decode run")
-        steps = []
+        steps, traced = [], tuple(prefill)
         for step in range(1, plan.steps + 1):
             cache = _returned_cache(result, "the prefill" if step == 1 else f"decode step {step - 1}")
             position = plan.position(step)
+            prefix = stages.decode_key(step, "")
             seen, result = _traced_call(fn, [plan.greedy[step - 1]], given, config, kv_len=position + 1,
-                                        cached={"start_pos": position, "cache": cache},
+                                        cached={"start_pos": position, "cache": cache}, prefix=prefix, before=traced,
                                         context=f"decode step {step} at position {position}")
             steps.append(seen)
+            traced += tuple(prefix + k for k in seen)
         _returned_cache(result, f"decode step {plan.steps}")
     return prefill, steps
 
@@ -348,21 +431,24 @@ def _returned_cache(result, where: str):
     return result[1]
 
 
-def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
-                 ) -> cmp.Report:
+def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
+                 qk_layout: str = "meta") -> cmp.Report:
     """Run fn on the golden's tokens and compare every stage with the fp32 truth.
 
     bf16: the reference's own bf16 error (golden against truth) sets each stage's limit. Stages fn does not
-    report make the verdict INCOMPLETE, or PARTIAL when `partial`.
+    report make the verdict INCOMPLETE, or PARTIAL when `partial`. qk_layout "hf": fn reports q, k, q_rope and
+    k_rope in transformers' rotate-half layout; they are put in Meta's order before the comparison.
     """
-    actual = run_implementation(fn, golden.tokens, weights, config)
-    return compare_prefill(actual, golden, truth, config, weights, partial)
+    _check_layout(qk_layout)
+    reported = run_implementation(fn, golden.tokens, weights, config)
+    return compare_prefill(reported, golden, truth, config, weights, partial, qk_layout)
 
 
-def compare_prefill(actual: dict[str, torch.Tensor], golden: Golden, truth: Golden, config, weights,
-                    partial: bool = False) -> cmp.Report:
+def compare_prefill(reported: dict[str, torch.Tensor], golden: Golden, truth: Golden, config, weights,
+                    partial: bool = False, qk_layout: str = "meta") -> cmp.Report:
     """The prefill's stages that an implementation reported, against the golden's: a Report, the first failure
-    diagnosed."""
+    diagnosed (and, for a q or k, whether the other q/k layout explains it)."""
+    actual = to_meta_layout(reported, config) if qk_layout == "hf" else reported
     reference = golden.tensors if golden.dtype == "bf16" else None
     report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
     first = report.first_failure
@@ -370,21 +456,76 @@ def compare_prefill(actual: dict[str, torch.Tensor], golden: Golden, truth: Gold
         from golden.diagnose import diagnose
 
         first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, diagnosis_limit(first))
+        hint = layout_hint(report, reported, truth.tensors, qk_layout)
+        if hint:
+            report.hints.append(hint)
     return report
 
 
-def check_with_decode(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False
-                      ) -> tuple[cmp.Report, DecodeReport]:
+def check_with_decode(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
+                      qk_layout: str = "meta") -> tuple[cmp.Report, DecodeReport]:
     """The prefill check and, where the golden holds decode steps and fn takes a cache, the decode steps' (one run:
     the prefill that fills the cache is the one checked). A prefill-only fn gets DecodeReport.not_run, never a
     failure."""
     why_not = why_not_run(takes_cache(fn), golden)
     if why_not:
-        return check_golden(fn, golden, truth, config, weights, partial), not_run(why_not, golden)
+        return check_golden(fn, golden, truth, config, weights, partial, qk_layout), not_run(why_not, golden)
+    _check_layout(qk_layout)
     check_same_plan(golden, truth)
     prefill, steps = run_decode(fn, golden, weights, config)
-    return (compare_prefill(prefill, golden, truth, config, weights, partial),
+    if qk_layout == "hf":
+        steps = [to_meta_layout(s, config) for s in steps]
+    return (compare_prefill(prefill, golden, truth, config, weights, partial, qk_layout),
             check_steps(steps, golden, truth, config, weights, partial))
+
+
+# ---------------------------------------------------------------- the q/k layout (--qk-layout)
+# "meta": q/k stages in Meta's interleaved-pair order, as the goldens hold them; "hf": transformers' rotate-half order
+# (ports of modeling_llama.py, Sebastian Raschka's from-scratch Llama 3), converted before comparing.
+QK_LAYOUTS = ("meta", "hf")
+QK_STAGES = frozenset({stages.Q, stages.K, stages.Q_ROPE, stages.K_ROPE})
+
+
+def to_meta_layout(reported: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """q, k, q_rope and k_rope reported in rotate-half order (j, j + d/2 pairs within each head), put in Meta's
+    interleaved order (2j, 2j + 1); every other stage as it is. A tensor whose last axis is not head_dim is left
+    for the comparator to call a shape mismatch."""
+    from impl.layout import rotate_half_to_interleaved
+
+    out = dict(reported)
+    for key, t in reported.items():
+        if stages.parse(key)[1] in QK_STAGES and t.dim() >= 1 and t.shape[-1] == config.head_dim:
+            out[key] = rotate_half_to_interleaved(t)
+    return out
+
+
+def layout_hint(report: cmp.Report, reported, golden, qk_layout: str) -> str:
+    """Where the first failure is a q or k: whether the implementation's q AND q_rope are the golden's in the other
+    layout (then it is a layout, say which flag; q alone matching is a bug: e.g. HF-ordered wq/wk rows with
+    interleaved RoPE). reported: the stages as the implementation gave them; golden: the fp32 truth."""
+    from golden.diagnose import qk_layout as layout_of
+
+    first = report.first_failure
+    if first is None or first.stage not in (stages.Q, stages.K) or first.layer is None:
+        return ""
+    other = "interleaved" if qk_layout == "hf" else "rotate_half"
+    for stage in (stages.Q, stages.Q_ROPE):
+        key = stages.key(stage, first.layer)
+        if key not in reported or key not in golden:
+            return ""
+        if layout_of(reported[key], golden[key], report.result(key).limit) != other:
+            return ""
+    where = f"layers.{first.layer}.q and q_rope"
+    if other == "rotate_half":
+        return (f"q matches the golden in rotate-half layout: pass --qk-layout hf ({where} match after each head's "
+                f"pairs (j, j + d/2) are put in Meta's order (2j, 2j + 1))")
+    return (f"q matches the golden in Meta's interleaved layout as reported: drop --qk-layout hf ({where} match "
+            f"without conversion)")
+
+
+def _check_layout(qk_layout: str) -> None:
+    if qk_layout not in QK_LAYOUTS:
+        raise ImplementationError(f"--qk-layout {qk_layout!r}: expected one of {', '.join(QK_LAYOUTS)}")
 
 
 def diagnosis_limit(first: cmp.StageResult) -> float:
@@ -401,6 +542,15 @@ def diagnosis_limit(first: cmp.StageResult) -> float:
 
 
 # ---------------------------------------------------------------- the tokenizer, offline
+def asset_on_disk(name: str) -> bool:
+    """Whether every file of a fetch-registry asset (impl.assets.ASSETS) is in the cache; never fetches. The loader
+    still verifies each file's sha256."""
+    from impl import assets
+
+    folder = assets.cache_dir() / name
+    return name in assets.ASSETS and all((folder / m.filename).is_file() for m in assets.ASSETS[name])
+
+
 def tokenizer_on_disk(spec) -> Path | None:
     """Where the tokenizer `spec` (an asset name or a path, as a Checkpoint names it) already lies on disk,
     or None. Never fetches: the check runs offline."""
@@ -410,8 +560,7 @@ def tokenizer_on_disk(spec) -> Path | None:
         return None
     name = str(spec)
     if name in assets.ASSETS:
-        folder = assets.cache_dir() / name
-        return folder if all((folder / m.filename).is_file() for m in assets.ASSETS[name]) else None
+        return assets.cache_dir() / name if asset_on_disk(name) else None
     path = Path(name)
     return path if path.exists() else None
 
@@ -464,15 +613,20 @@ class Outcome:
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
-          fn: Implementation | None = None, partial: bool = False, model: str | None = None) -> list[Outcome]:
+          fn: Implementation | None = None, partial: bool = False, model: str | None = None,
+          qk_layout: str = "meta") -> list[Outcome]:
     """Check an implementation against every golden of a set, fp32 first.
 
     `model`: the model to load instead of the one the golden names (needed for goldens of a path or a Hub
-    id). `partial`: check only what the implementation reports (it must still report logits).
+    id). `partial`: check only what the implementation reports (it must still report logits). `qk_layout`:
+    "hf" where the implementation reports q/k stages in transformers' rotate-half layout.
     """
+    if qk_layout not in QK_LAYOUTS:
+        raise ImplementationError(f"--qk-layout {qk_layout!r}: expected one of {', '.join(QK_LAYOUTS)}")
     fn = fn or load_callable(impl)
     goldens = golden_set(path)
     tokenizers: dict[object, tuple] = {}  # tokenizer spec -> (loaded tokenizer, why not): one load per spec
+    checkpoints: dict = {}  # model name -> (Checkpoint, digest): one load per model
     outcomes = []
     for g in sorted(goldens, key=lambda g: g.dtype != "fp32"):
         if g.dtype not in dtypes:
@@ -482,13 +636,13 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
         if truth.manifest["prompt"] != g.manifest["prompt"]:
             raise GoldenError(f"{g.path}: recorded on another prompt than its fp32 golden {truth.path}")
-        ckpt, weights = load_model_for(g, g.torch_dtype, model)
+        ckpt, weights = load_model_for(g, g.torch_dtype, model, checkpoints)
         key = str(ckpt.tokenizer)
         if key not in tokenizers:
             tokenizers[key] = load_tokenizer_offline(ckpt.tokenizer)
         tok, why_not = tokenizers[key]
         prompt_check = verify_prompt(g, tok, why_not)
-        report, decode = check_with_decode(fn, g, truth, ckpt.config, weights, partial)
+        report, decode = check_with_decode(fn, g, truth, ckpt.config, weights, partial, qk_layout)
         outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl", decode))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")

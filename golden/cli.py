@@ -57,7 +57,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
-    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model)
+    outcomes = check.check(args.golden, args.impl, dtypes, partial=args.partial, model=args.model,
+                           qk_layout=args.qk_layout)
     for o in outcomes:
         print(report.format_report(o))
     if len({o.golden.model_name for o in outcomes}) > 1:
@@ -67,6 +68,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot_check(outcomes, args.plot)
     return 0 if all(o.passed for o in outcomes) else 1
+
+
+def cmd_check_tokenizer(args: argparse.Namespace) -> int:
+    from golden import check, report
+    from golden import tokenizer_check as tc
+
+    expected = tc.load_expected(args.expected)
+    encode = check.load_callable(args.impl)
+    r = tc.check_tokenizer(encode, expected, spec=args.impl)
+    print(report.format_tokenizer_report(r))
+    return 0 if r.passed else 1
+
+
+def cmd_record_tokenizer(args: argparse.Namespace) -> int:
+    from golden import tokenizer_check as tc
+
+    out = tc.record_expected(args.out)
+    print(f"wrote {out} ({len(tc.load_expected(out).cases):,} strings, {out.stat().st_size / 1e3:.0f} kB)")
+    return 0
 
 
 # ---------------------------------------------------------------- record
@@ -156,12 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--quiet", action="store_true", help="no progress bar")
     bl.set_defaults(func=cmd_record_baselines)
 
+    from golden.check import QK_LAYOUTS
+
     c = sub.add_parser("check", help="run an implementation on a golden's weights and tokens; compare every stage")
     c.add_argument("golden", nargs="?", default=None,
                    help="a golden folder or a folder of them (default: the committed tiny, tiny-varied, tiny-scaled "
                         "and tiny-tied, fp32 + bf16)")
-    c.add_argument("--impl", metavar="MODULE:CALLABLE", help="your implementation (trace protocol; default: impl)")
+    c.add_argument("--impl", metavar="MODULE:CALLABLE",
+                   help="your implementation (trace protocol; default: impl): module:callable or "
+                        "path/to/file.py:callable")
     c.add_argument("--dtype", choices=("fp32", "bf16", "both"), default="both", help="which goldens to check")
+    c.add_argument("--qk-layout", choices=QK_LAYOUTS, default="meta",
+                   help="the layout your q, k, q_rope and k_rope stages are in: meta (interleaved pairs, as the "
+                        "goldens) or hf (transformers' rotate-half), converted before comparing")
     c.add_argument("--json", metavar="FILE", help="write every stage's metrics to this file")
     c.add_argument("--plot", metavar="FILE.png", help="draw error against layer per stage, fp32 and bf16 side by side")
     c.add_argument("--partial", action="store_true",
@@ -170,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model to run (default: the golden's, if it is a preset or an asset); needed for goldens "
                         "of a local path or a Hub id, verified against the golden's weights digest")
     c.set_defaults(func=cmd_check)
+
+    from golden.tokenizer_check import CONTRACT, EXPECTED
+
+    t = sub.add_parser("check-tokenizer", help="run your Llama 3 encode over the tokenizer corpus; compare with the "
+                                               "committed ids of Hugging Face tokenizers")
+    t.add_argument("--impl", required=True, metavar="MODULE:CALLABLE",
+                   help=f"your tokenizer, module:callable or path/to/file.py:callable ({CONTRACT})")
+    t.add_argument("--expected", default=str(EXPECTED), metavar="FILE", help="the expected ids (default: %(default)s)")
+    t.set_defaults(func=cmd_check_tokenizer)
+
+    rt = sub.add_parser("record-tokenizer", help="write the expected ids of the tokenizer corpus with Hugging Face "
+                                                 "tokenizers (needs the reference extras)")
+    rt.add_argument("--out", default=str(EXPECTED), help="the file to write (default: %(default)s)")
+    rt.set_defaults(func=cmd_record_tokenizer)
 
     return p
 

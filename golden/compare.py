@@ -168,6 +168,7 @@ class Report:
     logits: LogitsCheck | None = None
     not_recorded: list[str] = field(default_factory=list)  # in the implementation, not in the golden
     partial: bool = False  # the user asked to check only the stages the implementation reports
+    hints: list[str] = field(default_factory=list)  # one-line advice the runner adds (golden.check: the q/k layout)
 
     @property
     def first_failure(self) -> StageResult | None:

@@ -357,7 +357,8 @@ def _rope_as_rotate_half(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
 
 @_hyp("rope.pairing", "q/k pairs in the other layout: interleaved (2j, 2j+1) vs rotate-half (j, j+d/2)",
       "if q, k, q_rope and k_rope all match after the permutation and scores pass, your q/k are consistently in "
-      "transformers' rotate-half layout: report them in Meta's interleaved layout (rotate_half_to_interleaved); "
+      "transformers' rotate-half layout: pass --qk-layout hf (or report them in Meta's interleaved layout: "
+      "rotate_half_to_interleaved); "
       "otherwise your wq/wk rows are in HF order with complex (interleaved) RoPE: unpermute them",
       (Q, K) + _ROPED, "q, k (and config)", _ATTN_CHAIN)
 def _rope_pairing(ctx: Ctx) -> Prediction:

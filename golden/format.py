@@ -541,6 +541,15 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """A golden folder's manifest, verified against its own digest, without reading the tensors (what a test
+    collector needs: the model, dtype and stage list). load_golden verifies the rest."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise GoldenError(f"{folder / MANIFEST}: missing")
+    return _read_manifest(folder)
+
+
 def _options(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return {k: manifest.get(k) for k in _OPTIONAL}
 

@@ -86,10 +86,28 @@ def failure_message(r: cmp.StageResult) -> str:
     return "\n".join([describe(r), *diagnosis_lines(r.diagnosis)])
 
 
-def decode_failure_message(step: StepResult, r: cmp.StageResult) -> str:
-    """The pytest message of a failing stage of a decode step: `step 1 (position 17), rope_cos: rel ...`, then its
-    diagnosis where one was made (the first failing step's first failure)."""
-    return "\n".join([f"{_step_where(step)}, {describe(r, step.position)}", *diagnosis_lines(r.diagnosis)])
+def failure_lines(report: cmp.Report, config, first_position: int = 0) -> list[str]:
+    """The first failure: its numbers, the reference's own bf16 error there, the model's rope-scaling note, the
+    runner's hints (the q/k layout) and the diagnosis. The table's FIRST FAILURE and pytest --impl's message.
+    first_position: where the report's positions start (a decode step's position)."""
+    first = report.first_failure
+    if first is None:
+        return []
+    lines = [describe(first, first_position)]
+    if first.ref_metrics is not None:
+        lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
+    note = features.rope_scaling_note(config, first.stage)
+    if note:
+        lines.append(f"    NOTE: {note}")
+    lines += [f"  HINT: {h}" for h in report.hints]
+    return lines + diagnosis_lines(first.diagnosis, "  ")
+
+
+def decode_failure_message(step: StepResult, config) -> list[str]:
+    """The first failure of a decode step: `step 1 (position 17), rope_cos: rel ...`, then what failure_lines says
+    (the diagnosis on the first failing step). The table's DECODE FIRST FAILURE and pytest --impl's message."""
+    lines = failure_lines(step.report, config, step.position)
+    return [f"{_step_where(step)}, {lines[0]}", *lines[1:]] if lines else []
 
 
 def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
@@ -167,15 +185,8 @@ def format_report(o: Outcome) -> str:
         lines.append(f"  prompt: {o.prompt_check}")
     lines.append(f"  {'stage':<14}{'checked':>9}  {'worst rel':>9} {'at':>4}  {'limit':>8}  result")
     lines += [_check_row(stage, rows) for stage, rows in _by_stage(r).items()]
-    first = r.first_failure
-    if first is not None:
-        lines.append(f"  FIRST FAILURE: {describe(first)}")
-        if first.ref_metrics is not None:
-            lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
-        note = features.rope_scaling_note(g.config, first.stage)
-        if note:
-            lines.append(f"    NOTE: {note}")
-        lines += diagnosis_lines(first.diagnosis, "  ")
+    if r.first_failure is not None:
+        lines.append("  FIRST FAILURE: " + "\n".join(failure_lines(r, g.config)))
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
     lines.append("  " + verdict_line(r))
@@ -262,13 +273,7 @@ def decode_lines(o: Outcome) -> list[str]:
     st = d.first_failing
     first = st.report.first_failure if st is not None else None
     if first is not None:
-        lines.append(f"  DECODE FIRST FAILURE: {_step_where(st)}, {describe(first, st.position)}")
-        if first.ref_metrics is not None:
-            lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
-        note = features.rope_scaling_note(o.golden.config, first.stage)
-        if note:
-            lines.append(f"    NOTE: {note}")
-        lines += diagnosis_lines(first.diagnosis, "  ")
+        lines.append("  DECODE FIRST FAILURE: " + "\n".join(decode_failure_message(st, o.golden.config)))
     elif st is not None and st.report.logits is not None:
         lines.append(f"  DECODE FIRST FAILURE: {_step_where(st)}, " + _logits_line(st.report.logits, o.tokenizer)
                      .strip())
@@ -401,6 +406,70 @@ def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "", de
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- check-tokenizer: the text report
+def _token(token_id: int, vocab) -> str:
+    """`4513 '123'`: an id and its piece in the reference vocabulary (bytes where it is part of a character)."""
+    from golden.tokenizer_check import _piece_text
+
+    return f"{token_id}" if vocab is None else f"{token_id} {_piece_text(vocab.piece(token_id))!r}"
+
+
+def tokenizer_difference_lines(m, vocab, indent: str = "  ") -> list[str]:
+    """The first difference of a tokenizer check: the string, where the ids part, both sides' tokens around it
+    (positions in brackets), and why."""
+    from golden.tokenizer_check import _escaped
+
+    lo = max(0, m.position - 2)
+
+    def window(ids) -> str:
+        shown = "  ".join(f"[{i}] {_token(ids[i], vocab)}" for i in range(lo, min(len(ids), m.position + 3)))
+        n = f"{len(ids)} token{'s' if len(ids) != 1 else ''}"
+        more = f"  ... {n}" if len(ids) > m.position + 3 else f"  ({n})"
+        return ("... " if lo else "") + (shown or "(none)") + more
+
+    return [
+        f"{indent}FIRST DIFFERENCE: {m.case.group} string {m.case.index}: {_escaped(m.case.text)}",
+        f"{indent}  ids differ from token {m.position}:",
+        f"{indent}    yours     {window(m.got)}",
+        f"{indent}    expected  {window(m.case.ids)}",
+        f"{indent}  WHY: {m.why}",
+    ]
+
+
+def _shown_path(path: Path) -> str:
+    """A path relative to the working folder when it is below it (golden/data/...), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def tokenizer_group_line(g) -> str:
+    return f"  {g.name:<14} {g.agree:>5}/{g.total:<5} {'pass' if g.agree == g.total else 'FAIL'}"
+
+
+def format_tokenizer_report(r) -> str:
+    """`python -m golden check-tokenizer`: agreement per case group, then the first difference explained."""
+    lines = [f"{r.impl}: {r.total:,} strings of {_shown_path(r.expected.path)}",
+             f"  expected ids: {r.expected.reference}",
+             f"  {'group':<14} {'agree':>6}{'':5} result"]
+    lines += [tokenizer_group_line(g) for g in r.groups]
+    if r.first is not None:
+        lines += tokenizer_difference_lines(r.first, r.vocab)
+        lines.append("  differing strings by kind: " + ", ".join(f"{k} {n:,}" for k, n in r.kinds.items()))
+    verdict = "PASS" if r.passed else "FAIL"
+    lines.append(f"  {verdict}: {r.agree:,}/{r.total:,} strings agree ({sum(g.agree == g.total for g in r.groups)} of "
+                 f"{len(r.groups)} groups)")
+    return "\n".join(lines)
+
+
+def tokenizer_failure_message(r) -> str:
+    """A pytest failure for one case group: the count, then the first difference explained."""
+    (g,) = r.groups
+    return "\n".join([f"{g.name}: {g.agree:,}/{g.total:,} strings agree with {r.expected.path.name}",
+                      *tokenizer_difference_lines(g.first, r.vocab, indent="")])
+
+
 # ---------------------------------------------------------------- JSON
 def _finite_or_text(x):
     """JSON has no inf or nan: they are written as the strings "inf", "nan"."""
@@ -434,6 +503,7 @@ def report_dict(report: cmp.Report) -> dict:
         "logits": asdict(report.logits) if report.logits else None,
         "stages": [asdict(r) for r in report.results],
         "not_recorded": report.not_recorded,
+        "hints": report.hints,
     })
 
 

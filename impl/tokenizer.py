@@ -169,11 +169,7 @@ def load_llama3(path: str | os.PathLike) -> Tokenizer:
     # Not tiktoken.load.load_tiktoken_bpe: it reads $TMPDIR/data-gym-cache/<sha1 of the path> when that
     # exists, a file any local user can plant. We parse the bytes we hashed.
     ranks = parse_tiktoken_bpe(assets.read_verified(path), str(path))
-    n_base = len(ranks)
-    names = list(LLAMA3_NAMED_SPECIALS) + [
-        f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_SPECIAL - len(LLAMA3_NAMED_SPECIALS))
-    ]
-    specials = {name: n_base + i for i, name in enumerate(names)}
+    specials = llama3_special_tokens(len(ranks))
     encoding = _encoding(path.name, LLAMA3_PATTERN, ranks, specials, str(path))
     return Tokenizer(
         encoding,
@@ -181,6 +177,14 @@ def load_llama3(path: str | os.PathLike) -> Tokenizer:
         eos_id=specials["<|end_of_text|>"],
         stop_ids=(specials["<|eom_id|>"], specials["<|eot_id|>"]),
     )
+
+
+def llama3_special_tokens(n_base: int = 128_000) -> dict[str, int]:
+    """Llama 3's 256 special tokens, text -> id, right after the `n_base` ranks (Meta's tokenizer.py)."""
+    names = list(LLAMA3_NAMED_SPECIALS) + [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(LLAMA3_NUM_SPECIAL - len(LLAMA3_NAMED_SPECIALS))
+    ]
+    return {name: n_base + i for i, name in enumerate(names)}
 
 
 def parse_tiktoken_bpe(data: bytes, source: str) -> dict[bytes, int]:

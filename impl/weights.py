@@ -29,6 +29,9 @@ TOKENIZER_ASSET = "llama3-tokenizer"  # the tokenizer that goes with the random 
 
 # ----------------------------------------------------------------------------- random weights, digests
 
+_RANDOM_CHUNK = 1 << 22  # doubles per draw: 32 MB
+
+
 def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Deterministic on every machine: numpy's PCG64 stream of uniform doubles (which numpy keeps stable
     across versions), drawn tensor by tensor in expected_shapes' order. Matrices are uniform with std 0.02
@@ -41,14 +44,20 @@ def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torc
     qk_std = 1.5 / math.sqrt(config.dim)
     weights = {}
     for name, shape in expected_shapes(config).items():
-        x = rng.random(math.prod(shape))  # in place from here on: the embedding alone is 16M doubles
-        x -= 0.5
-        if len(shape) == 1:
-            x *= 0.1 * half_width
-            x += 1.0
-        else:
-            x *= (qk_std if name.endswith(("wq.weight", "wk.weight")) else 0.02) * half_width
-        weights[name] = torch.from_numpy(x.astype(np.float32).reshape(shape)).to(dtype)
+        n = math.prod(shape)
+        out = torch.empty(n, dtype=dtype)
+        # Drawn in chunks: the same stream as one rng.random(n), without a float64 copy of the whole matrix
+        # (an 8B-shaped embedding would need 4.2 GB of doubles beside its 2.1 GB of fp32).
+        for start in range(0, n, _RANDOM_CHUNK):
+            x = rng.random(min(_RANDOM_CHUNK, n - start))
+            x -= 0.5
+            if len(shape) == 1:
+                x *= 0.1 * half_width
+                x += 1.0
+            else:
+                x *= (qk_std if name.endswith(("wq.weight", "wk.weight")) else 0.02) * half_width
+            out[start:start + len(x)] = torch.from_numpy(x.astype(np.float32))  # rounded to fp32, then to dtype
+        weights[name] = out.reshape(shape)
     return weights
 
 

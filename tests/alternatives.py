@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from impl import model
+from impl.layout import permute_qk
 
 
 @contextlib.contextmanager
@@ -132,6 +133,33 @@ BF16_ONLY = {
     "walkthrough-bf16": (_with(rms_norm=_rms_norm_all_bf16, attention_probs=_probs_bf16_scores,
                                apply_rope=_rope_in_activation_dtype), "layers.0.attn_norm"),
 }
+
+
+# ---------------------------------------------------------------- the other q/k layout: correct under --qk-layout hf
+def _rope_rotate_half(x, freqs_cis):
+    """transformers' apply_rotary_pos_emb: pairs (j, j + d/2), x * cos + rotate_half(x) * sin. x: (seq, heads, d) in
+    rotate-half order."""
+    cos, sin = freqs_cis.real[:, None, :], freqs_cis.imag[:, None, :]  # (seq, 1, d/2)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+def _hf_rows(weights, config):
+    """wq/wk rows in transformers' order: convert_llama_weights_to_hf.py's permute, as an HF port loads them."""
+    out = dict(weights)
+    for i in range(config.n_layers):
+        p = f"layers.{i}.attention."
+        out[p + "wq.weight"] = permute_qk(weights[p + "wq.weight"], config.n_heads)
+        out[p + "wk.weight"] = permute_qk(weights[p + "wk.weight"], config.n_kv_heads)
+    return out
+
+
+def rotate_half_layout(tokens, weights, config, trace):
+    """A port of transformers' modeling_llama (or Sebastian Raschka's Llama 3): the Meta weights converted to HF's
+    q/k row order, RoPE by rotate_half; q, k, q_rope and k_rope are reported in that layout. Correct: it passes
+    with --qk-layout hf, and fails at layers.0.q without it, with the hint to pass the flag."""
+    with _swapped("apply_rope", _rope_rotate_half):
+        return model.forward(tokens, _hf_rows(weights, config), config, trace=trace)
 
 
 # ---------------------------------------------------------------- the same, in the decode protocol

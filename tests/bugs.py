@@ -10,7 +10,7 @@ import math
 import torch
 
 from impl import model
-from tests.alternatives import _swapped
+from tests.alternatives import _hf_rows, _swapped
 
 
 def _scores_scaled_by_128(q, k, start_pos=0):
@@ -28,6 +28,12 @@ def kv_head_by_4(tokens, weights, config, trace):
     """The walk-through's `head // 4`: right only for a GQA group of 4."""
     with _swapped("kv_head_of", lambda n_heads, n_kv_heads: torch.arange(n_heads) // 4):
         return model.forward(tokens, weights, config, trace=trace)
+
+
+def hf_rows_complex_rope(tokens, weights, config, trace):
+    """wq/wk rows in HF's rotate-half order with Meta's complex (interleaved) RoPE: a conversion skipped. q matches
+    the golden after the layout permutation, q_rope does not: a bug, not a layout (no --qk-layout hint)."""
+    return model.forward(tokens, _hf_rows(weights, config), config, trace=trace)
 
 
 # ---------------------------------------------------------------- in the decode protocol (golden.check.takes_cache)

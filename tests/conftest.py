@@ -1,4 +1,4 @@
-"""Session fixtures: the committed goldens, the implementation under test, and its reports."""
+"""Session fixtures: the committed goldens, impl's reports against them, and a check of any implementation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from golden import check as golden_check
 from golden.format import load_golden
 
-GOLDEN_DATA = Path(__file__).resolve().parent.parent / "golden" / "data"
+TESTS = Path(__file__).resolve().parent
+GOLDEN_DATA = TESTS.parent / "golden" / "data"
 GOLDEN_MODELS = ("tiny", "tiny-varied", "tiny-scaled", "tiny-tied", "smollm2-135m")
 DTYPES = ("fp32", "bf16")
 
@@ -53,33 +54,31 @@ def check_against(goldens, models):
     """(implementation, model, dtype) -> the comparator's Report for that implementation."""
     from golden.check import check_golden
 
-    def run(fn, model: str, dtype: str, partial: bool = False):
+    def run(fn, model: str, dtype: str, partial: bool = False, qk_layout: str = "meta"):
         ckpt, weights = models(model, dtype)
-        return check_golden(fn, goldens(model, dtype), goldens(model, "fp32"), ckpt.config, weights, partial)
+        return check_golden(fn, goldens(model, dtype), goldens(model, "fp32"), ckpt.config, weights, partial,
+                            qk_layout)
 
     return run
 
 
 @pytest.fixture(scope="session")
-def implementation(request):
-    """The implementation under test: impl's forward, or the user's `--impl module:callable`."""
-    return golden_check.load_callable(request.config.getoption("--impl"))
-
-
-@pytest.fixture(scope="session")
-def partial(request) -> bool:
-    """`pytest --partial`: check only the stages the implementation reports (it must still report logits)."""
-    return request.config.getoption("--partial")
-
-
-@pytest.fixture(scope="session")
-def reports(implementation, check_against, partial):
-    """(model, dtype) -> the Report for the implementation under test, computed once."""
+def reports(check_against):
+    """(model, dtype) -> the Report for impl, computed once. This suite checks impl: a user's implementation is
+    checked by `pytest --impl X` without paths (golden/pytest_plugin.py)."""
     cache = {}
 
     def get(model: str, dtype: str):
         if (model, dtype) not in cache:
-            cache[model, dtype] = check_against(implementation, model, dtype, partial=partial)
+            cache[model, dtype] = check_against(golden_check.impl_forward, model, dtype)
         return cache[model, dtype]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/ checks impl and never reads --impl: say so instead of passing impl's checks off as the user's."""
+    impl = config.getoption("impl", None)
+    if impl and any(Path(item.path).is_relative_to(TESTS) for item in items):
+        raise pytest.UsageError(f"tests/ checks this repository's impl, not --impl {impl}: run `pytest --impl {impl}` "
+                                f"without test paths for the golden checks of your implementation")

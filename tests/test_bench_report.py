@@ -49,7 +49,7 @@ def test_chart_fails_the_run_on_a_beaten_roof(tmp_path, capsys):
 @pytest.mark.parametrize(("bf16_peak", "goal"), [(300.0, 1.8), (150.0, 0.95)], ids=["fast-bf16", "slow-bf16"])
 def test_bf16_goal_follows_the_machine_peaks(bf16_peak, goal):
     roofs = {**ROOFS, "bf16": {**ROOFS["bf16"], "engines": {"torch": bf16_peak, "bf16-fp32-copy": 999.0}}}
-    assert report.bf16_prefill_goal({"roofs": roofs}) == goal  # the second-copy engine does not count
+    assert report.bf16_prefill_goal({"roofs": roofs})[0] == goal  # the second-copy engine does not count
 
 
 def test_short_fp32_goal_is_2x_only_where_the_best_engine_is_2x_torch():
@@ -62,11 +62,133 @@ def test_short_fp32_goal_is_2x_only_where_the_best_engine_is_2x_torch():
     timings["fp32"]["short"]["onednn-packed"] = 0.4  # 2.5x, with packed weights
     target = report.targets(b, {"roofs": ROOFS, "engines": timings})[0]
     assert target.goal == 2.0 and not target.met
+    assert "onednn-packed" in report.short_fp32_goal({"engines": timings})[1]
 
 
 def test_vs_transformers_tie_counts_as_met():
-    assert report.Target("impl vs fastest transformers", 0.985, 1.0, "x").met
-    assert not report.Target("impl vs fastest transformers", 0.97, 1.0, "x").met
+    assert report.Target(report.VS_HF, "x", 0.985, 1.0, tie=True).met
+    assert not report.Target(report.VS_HF, "x", 0.97, 1.0, tie=True).met
+    assert not report.Target(report.PREFILL_ROOF, "x", 0.79, 0.80).met  # no tie for the roof goals
+
+
+# ------------------------------------------------------------------ a whole synthetic run: every target, as ratios
+ENGINE_GFLOP = 2 * 8192 * 2048 / 1e9  # per row of the engine table's (8192, 2048) weight
+
+
+def engine_table(fp32_long=80.0, bf16_long=160.0, decode_gbs=8.0, fp32_engine="numpy"):
+    """Seconds per product: at 128 rows fp32_engine (fp32) and torch (bf16) reach these GFLOP/s (torch's fp32 half
+    of that), and at one row torch reads its weight at decode_gbs GB/s."""
+    def row(best, long_gflops, itemsize):
+        long = {"torch": 2 * 128 * ENGINE_GFLOP / long_gflops, best: 128 * ENGINE_GFLOP / long_gflops}
+        return {"decode": {"torch": 8192 * 2048 * itemsize / decode_gbs / 1e9},
+                "short": {"torch": 17 * ENGINE_GFLOP / 10.0}, "long": long}
+    return {"fp32": row(fp32_engine, fp32_long, 4), "bf16": row("torch", bf16_long, 2)}
+
+
+def run(layer_s=(0.125, 0.1), hf_s=0.2, decode_s=1e-3, generate_s=(1.0, 2.0), engines=None):
+    """A run of one layer group at 128 tokens and one decode step (impl-fused vs hf-eager, fp32 and bf16), and
+    generate (impl vs hf-sdpa): seconds per call given; 10 GFLOP a prefill, 1e6 bytes a decode step."""
+    b = []
+    for dtype, t in zip(("fp32", "bf16"), layer_s, strict=True):
+        b += [bench("impl-fused", dtype, t, op="layer"), bench("hf-eager", dtype, hf_s, op="layer"),
+              bench("impl-fused", dtype, decode_s, op="layer", seq=1, past=512, flops=1e6),
+              bench("hf-eager", dtype, 2 * decode_s, op="layer", seq=1, past=512, flops=1e6)]
+        for name, g in (("impl", generate_s[0]), ("hf-sdpa", generate_s[1])):
+            gen = bench(name, dtype, g, op="generate", seq=17, group="generate smollm2-135m 17+32")
+            gen["extra_info"] = {**gen["extra_info"], "new_tokens": 32, "shape": "17+32"}
+            del gen["extra_info"]["flops"], gen["extra_info"]["bytes"]
+            b.append(gen)
+    for x in b:  # unique names and groups per shape
+        x["fullname"] = f"{x['group']} {x['fullname']}"
+        if x["extra_info"]["past"]:
+            x["group"], x["extra_info"]["shape"] = "layer smollm2-135m decode-512", "decode-512"
+    info = {"roofs": ROOFS, "engines": engines or engine_table(), "engines_shape": [8192, 2048],
+            "torch": {"other_processes_cpu_share": 0.01}}
+    report.annotate(b, info)
+    return b, info
+
+
+def by_what(found):
+    return {(t.what, t.where.removeprefix("layer smollm2-135m ").removeprefix("generate smollm2-135m ")): t
+            for t in found}
+
+
+def test_targets_every_issue_14_target_is_a_ratio_of_the_same_run():
+    b, info = run()
+    found = by_what(report.targets(b, info))
+    assert found[report.VS_HF, "decode-512 fp32"].value == pytest.approx(2.0)
+    assert found[report.VS_HF, "prefill-128 fp32"].value == pytest.approx(0.2 / 0.125)  # fastest transformers / impl
+    assert found[report.PREFILL_ROOF, "prefill-128 fp32"].value == pytest.approx(0.8)  # 10 GFLOP at 100 GFLOP/s: 0.1 s
+    assert found[report.BF16_PREFILL, "prefill-128 bf16"].value == pytest.approx(1.25)  # fp32 time / bf16 time
+    assert found[report.DECODE_BANDWIDTH, "decode-512 bf16"].value == pytest.approx(0.1)  # 1e6 B / 10 GB/s / 1 ms
+    assert found[report.GENERATE, "17+32 bf16"].value == pytest.approx(2.0)  # tokens/s over transformers' best
+    assert report.unmeasured(list(found.values())) == []
+
+
+@pytest.mark.parametrize(("what", "engines", "verdict"), [
+    (report.PREFILL_ROOF, engine_table(fp32_long=60.0), "yes: numpy reaches 60% of the fp32 roof at 128 rows"),
+    (report.PREFILL_ROOF, engine_table(fp32_long=95.0), "no: numpy reaches 95% of the fp32 roof at 128 rows"),
+    (report.PREFILL_ROOF, engine_table(fp32_long=90.0, fp32_engine="onednn-packed"),
+     "no: onednn-packed (packed weights, as a generate-only process holds them) reaches 90% of the fp32 roof"),
+    (report.DECODE_BANDWIDTH, engine_table(decode_gbs=5.0), "yes: torch reads its weight at 50% of this block's"),
+    (report.DECODE_BANDWIDTH, engine_table(decode_gbs=9.0), "no: torch reads its weight at 90% of this block's"),
+    (report.BF16_PREFILL, engine_table(bf16_long=120.0),
+     "yes: the best bf16 engine (torch) is 1.50x the best fp32 one (numpy)"),
+    (report.BF16_PREFILL, engine_table(bf16_long=200.0), "no: the best bf16 engine (torch) is 2.50x the best fp32"),
+], ids=["roof-beyond", "roof-reachable", "roof-reachable-packed", "decode-beyond", "decode-reachable",
+        "bf16-beyond", "bf16-reachable"])
+def test_missed_target_says_whether_the_best_engine_could_meet_it(what, engines, verdict):
+    b, info = run(layer_s=(0.25, 0.2), decode_s=2e-3, engines=engines)  # 40%, 1.25x, 5%: all missed
+    missed = [t for t in report.targets(b, info)
+              if t.what == what and (what != report.PREFILL_ROOF or "fp32" in t.where)]  # bf16: its own roof
+    assert missed and not any(t.met for t in missed)
+    assert all(t.beyond.startswith(verdict) for t in missed), [t.beyond for t in missed]
+
+
+def test_missed_decode_in_the_caches_is_not_judged_by_a_weight_beyond_them():
+    b, info = run(decode_s=2e-3, engines=engine_table(decode_gbs=1.0))
+    for x in b:
+        if x["extra_info"]["past"]:
+            x["extra_info"]["bandwidth_roof_how"] = "numpy.sum of 1.0 MB, repeated"
+    missed = [t for t in report.targets(b, info) if t.what == report.DECODE_BANDWIDTH]
+    assert len(missed) == 2 and all(t.beyond.startswith("not shown: this block's bytes fit in the caches")
+                                    for t in missed)
+
+
+def test_missed_vs_transformers_is_never_beyond_the_machine():
+    b, info = run(layer_s=(0.5, 0.5), generate_s=(3.0, 2.0))
+    missed = [t for t in report.targets(b, info) if t.what in (report.VS_HF, report.GENERATE) and not t.met]
+    assert len(missed) == 4 and all(t.beyond.startswith("no: ") for t in missed)
+
+
+def test_partial_run_names_the_targets_it_did_not_measure():
+    b, info = run()
+    found = report.targets([x for x in b if x["extra_info"]["op"] != "generate" and not x["extra_info"]["past"]],
+                           info)
+    assert report.unmeasured(found) == [report.DECODE_BANDWIDTH, f"{report.GENERATE} fp32",
+                                        f"{report.GENERATE} bf16"]
+
+
+def test_markdown_reports_roofs_engines_and_every_target_row(tmp_path):
+    b, info = run(layer_s=(0.125, 0.125))
+    info["roofs"] = {**ROOFS, "theoretical": {"fp32": 332.0, "bf16": 665.0, "how": "2 threads x 2.60 GHz"}}
+    text = chart.markdown({"benchmarks": b, "machine_info": info, "datetime": "2026-11-26T10:00"})
+    assert "CPU: Test CPU, 2 threads. Flags: `avx2`" in text
+    assert "| fp32 GEMM (1024x2048 @ 2048x2048) | 100.0 GFLOP/s | numpy | numpy 100, torch 80 | 332 GFLOP/s |" in text
+    assert "| fp32 | long (128) | 40.0 | 80.0 | numpy |" in text  # the engine table: GFLOP/s, the choice
+    assert ("| bf16 / fp32 prefill | layer smollm2-135m prefill-128 bf16 | 1.00 | 1.80 | MISSED "
+            "| no: the best bf16 engine (torch) is 2.00x the best fp32 one (numpy) at 128 rows |") in text
+    assert f"| {report.PREFILL_ROOF} | layer smollm2-135m prefill-128 fp32 | 0.80 | 0.80 | met |  |" in text
+    assert "bf16 / fp32 prefill at 128 tokens or more: 1.8x" in text
+    assert "NOT A TRUSTWORTHY RUN" not in text
+
+
+@pytest.mark.parametrize("share", [0.81, None], ids=["loaded", "unknown"])
+def test_markdown_says_a_shared_machine_run_is_not_trustworthy(share):
+    b, info = run()
+    info["torch"]["other_processes_cpu_share"] = share
+    text = chart.markdown({"benchmarks": b, "machine_info": info, "datetime": "x"})
+    assert "NOT A TRUSTWORTHY RUN: other processes took " + ("81%" if share else "an unknown share") in text
 
 
 def test_baseline_machine_types_differ_by_cpu():

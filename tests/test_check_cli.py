@@ -1,21 +1,16 @@
-"""`python -m golden check` and `pytest --impl`: exit codes 0/1/2, one-line errors, JSON and plot output."""
+"""`python -m golden check`: exit codes 0/1/2, one-line errors, JSON and plot output (`pytest --impl`:
+tests/test_pytest_plugin.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from golden import cli
 from tests.conftest import golden_dir
-
-ROOT = Path(__file__).resolve().parent.parent
 
 BROKEN_IMPL = '''
 import torch
@@ -61,14 +56,34 @@ def test_check_broken_impl_exits_1_and_names_first_stage(user_module, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["check", "no/such/folder"], "not a golden folder"),
-    (["check", "--impl", "nomodule_xyz:forward"], "cannot import nomodule_xyz"),
+    (["check", "--impl", "nomodule_xyz:forward"], "cannot import nomodule_xyz (ModuleNotFoundError: No module named "
+                                                   "'nomodule_xyz'); run from the folder that holds it, or give "
+                                                   "its file: path/to/nomodule_xyz.py:forward"),
     (["check", "--impl", "golden.check"], "expected module:callable"),
     (["check", "--impl", "golden.check:nothing_here"], "has no attribute nothing_here"),
-], ids=["missing-golden", "unimportable-impl", "no-colon", "no-attribute"])
+    (["check", "--impl", "no/such/my_llama.py:forward"], "no file no/such/my_llama.py"),
+], ids=["missing-golden", "unimportable-module", "no-colon", "no-attribute", "missing-file"])
 def test_check_bad_input_exits_2_with_one_line(capsys, args, message):
     assert cli.main(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@pytest.mark.parametrize("name", ["my_llama.py", "impl.py"], ids=["file", "file-named-like-a-package"])
+def test_check_loads_an_implementation_by_file_path(tmp_path, capsys, name):
+    """A notebook export is a file, not a module on sys.path; one called impl.py shadows nothing."""
+    (tmp_path / name).write_text(BROKEN_IMPL)
+    assert cli.main(["check", str(golden_dir("tiny", "fp32")), "--impl", f"{tmp_path / name}:forward"]) == 1
+    assert "FIRST FAILURE: rope_cos" in capsys.readouterr().out
+
+
+def test_implementation_file_that_fails_to_load_is_one_line(tmp_path, capsys):
+    (tmp_path / "my_llama.py").write_text("import torch\nW = undefined_name\n")
+    assert cli.main(["check", "--impl", f"{tmp_path / 'my_llama.py'}:forward"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "cannot import my_llama.py (NameError: name 'undefined_name' is not defined at " in err
+    assert err.rstrip().endswith("my_llama.py:2)")
 
 
 def test_check_tampered_golden_exits_2(tmp_path, capsys):
@@ -92,38 +107,6 @@ def test_check_impl_that_raises_exits_2(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert cli.main(["check", "--impl", "crashing:forward"]) == 2
     assert "raised ValueError: boom at" in capsys.readouterr().err
-
-
-PARTIAL_IMPL = '''
-from impl import model
-
-KEEP = {"embeddings", "layers.0.q_rope", "layers.1.q_rope", "layers.0.probs", "layers.1.probs", "layers.0.out",
-        "layers.1.out", "norm", "logits"}
-
-
-def forward(tokens, w, cfg, trace):  # impl, reporting 9 of the 43 stages
-    return model.forward(tokens, w, cfg, trace=lambda name, t: trace(name, t) if name in KEEP else None)
-'''
-
-
-def _pytest_impl(tmp_path, *extra):
-    (tmp_path / "partial_llama.py").write_text(PARTIAL_IMPL)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(tmp_path)])}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/test_stages_vs_golden.py", "-q", "--impl", "partial_llama:forward",
-         "-k", "tiny-fp32 and not scaled", "-n", "0", "-rs", *extra],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize(("flag", "exit_code", "shown", "tail"), [
-    ((), 1, "NOT REPORTED: layers.0.q (tiny fp32). INCOMPLETE: 9 of 43 stages reported", "34 failed, 10 passed"),
-    (("--partial",), 0, "PARTIAL: 9 of 43 stages (tiny fp32); layers.0.q not reported", "10 passed, 34 skipped"),
-], ids=["full-check-fails", "partial-passes"])
-def test_pytest_impl_fails_unreported_stages_unless_partial(tmp_path, flag, exit_code, shown, tail):
-    """`pytest --impl` on an implementation reporting 9 stages: 34 failures, or with --partial 34 skips that say so."""
-    proc = _pytest_impl(tmp_path, *flag)
-    assert proc.returncode == exit_code, proc.stdout[-3000:]
-    assert shown in proc.stdout and tail in proc.stdout[-500:], proc.stdout[-3000:]
 
 
 def test_runner_accepts_a_batch_dim_full_logits_and_finite_masks(check_against):

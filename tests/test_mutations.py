@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from impl import model
+from tests.alternatives import _hf_rows
 
 
 def _rms_norm_no_eps(x, weight, eps):
@@ -101,18 +102,6 @@ def _untied_output(w):
     return torch.randn(w["tok_embeddings.weight"].shape, generator=g).to(w["tok_embeddings.weight"].dtype) * 0.02
 
 
-def _hf_layout_qk(weights, config):
-    """Conversion skipped: HF rotate-half q/k rows used with complex (interleaved) RoPE."""
-    from impl.layout import permute_qk
-
-    out = dict(weights)
-    for i in range(config.n_layers):
-        p = f"layers.{i}.attention."
-        out[p + "wq.weight"] = permute_qk(weights[p + "wq.weight"], config.n_heads)
-        out[p + "wk.weight"] = permute_qk(weights[p + "wk.weight"], config.n_kv_heads)
-    return out
-
-
 _ORIG = {name: getattr(model, name) for name in (
     "rope_frequencies", "precompute_freqs_cis", "causal_mask", "swiglu_parts", "rms_norm", "scale_rope_frequencies")}
 
@@ -141,7 +130,7 @@ MUTATIONS = {
                                          _rope_scaling_with(original_max_position_embeddings=32), "tiny-scaled",
                                          "rope_cos", BOTH),
     "rmsnorm-in-bf16": ("rms_norm", _rms_norm_in_bf16, "tiny", "layers.0.attn_norm", FP32),
-    "rope-wrong-pairing": (None, _hf_layout_qk, "tiny", "layers.0.q", BOTH),
+    "rope-wrong-pairing": (None, _hf_rows, "tiny", "layers.0.q", BOTH),
     "rope-theta-10000": ("rope_frequencies", _rope_frequencies_theta_10000, "tiny", "rope_cos", BOTH),
     "rope-positions-off-by-one": ("precompute_freqs_cis", _freqs_cis_off_by_one, "tiny", "rope_cos", BOTH),
     "rope-scaling-ignored": ("scale_rope_frequencies", lambda f, s: f, "tiny-scaled", "rope_cos", BOTH),

@@ -2,8 +2,8 @@
 
 The commands are read from README.md itself; `HOW` says how each one runs. A command added to the README
 without an entry here fails `test_every_readme_command_has_a_way_to_run`. Commands run in a subprocess
-with `tmp_path` as the working directory (so what they write lands there), `golden/` linked into it (so the
-README's relative paths like `golden/data/tiny/fp32` hold) and `examples/` on the path (so the README's
+with `tmp_path` as the working directory (so what they write lands there), `golden/` and `examples/` linked into
+it (so the README's relative paths like `golden/data/tiny/fp32` hold) and `examples/` on the path (so the README's
 `my_llama:forward` is the example). Verbatim where they run offline on committed data or fetched assets;
 with `--model tiny` where the README shows a big model, `--out` in `tmp_path` where it shows a real folder;
 `tox`, `pytest` and the virtual-environment setup are exempt.
@@ -68,7 +68,14 @@ HOW: dict[str, How] = {
     'pip install -q -e ".[test]"': How(exempt="installs this package with test extras: the environment running "
                                                "these tests"),
     "python -m pytest -n auto": How(exempt="pytest: this very suite"),
-    "pytest --impl my_llama:forward": How(exempt="pytest: test_check_cli runs pytest --impl on a user module"),
+    "pytest --impl my_llama:forward": How(exempt="pytest: tests/test_pytest_plugin*.py run pytest --impl on a user "
+                                                 "module, in-process and in a venv"),
+    "pytest --impl my_llama:forward --golden tiny --golden-dtype fp32": How(
+        exempt="pytest: tests/test_pytest_plugin.py runs --golden and --golden-dtype"),
+    "pytest --impl my_llama:forward --qk-layout hf": How(exempt="pytest: tests/test_pytest_plugin.py runs --qk-layout"),
+    # a file path (examples/ is linked into the working folder) and a committed golden by name
+    "python -m golden check tiny --impl examples/my_llama.py:forward --dtype fp32": How(
+        shows="PASS: 43/43 stages within tolerance"),
     "python -m golden check": How(shows="PASS: 43/43 stages within tolerance"),
     "python -m impl fetch llama3-tokenizer smollm2-135m": How(shows="llama3-golden/smollm2-135m"),
     # the example implements Llama 3 without 3.1's rope scaling: the default set says so, exit 1 (README)
@@ -97,6 +104,12 @@ HOW: dict[str, How] = {
     "python -m golden diff golden/data/tiny/fp32 my-golden": How(shows="no drift beyond tolerance (43 stages)",
                                                                  needs_my_golden=True),
     "python -m golden record-baselines": How(rewrite={"--out": "{tmp}/baselines"}, shows="total in", slow=True),
+    "python -m golden check-tokenizer --impl my_tok:encode": How(shows="PASS: 1,664/1,664 strings agree (11 of 11 "
+                                                                     "groups)"),
+    "pytest --impl-tokenizer my_tok:encode": How(exempt="pytest: tests/test_tokenizer_check.py runs the plugin "
+                                                        "through pytester"),
+    "python -m golden record-tokenizer": How(rewrite={"--out": "{tmp}/llama3.json"}, shows="wrote",
+                                             files=("llama3.json",)),
 }
 
 
@@ -114,6 +127,7 @@ def _argv(cmd: str, how: How, tmp_path: Path) -> list[str]:
 
 def run_readme_command(cmd: str, how: How, tmp_path: Path) -> subprocess.CompletedProcess:
     (tmp_path / "golden").symlink_to(ROOT / "golden", target_is_directory=True)
+    (tmp_path / "examples").symlink_to(ROOT / "examples", target_is_directory=True)
     if how.needs_my_golden:
         from golden.record import WALKTHROUGH_PROMPT, record
 

@@ -1,10 +1,9 @@
-"""Every stage of every layer of the implementation under test against the reference's goldens.
+"""Every stage of every layer of impl against the reference's goldens.
 
 One test per (model, dtype, stage key), in forward order, with ids like
 `smollm2-135m-bf16-layer07-q_rope`. The first failing stage fails; later failures are reported
-as its consequences (xfail), so the output points at one place. A stage the implementation does not
-report fails (INCOMPLETE), unless `--partial` asked to check only what it reports: then it is skipped
-with `PARTIAL: n of m stages` as the reason.
+as its consequences (xfail), so the output points at one place. A stage impl does not report fails
+(INCOMPLETE). A user's implementation gets the same checks from `pytest --impl X` (golden/pytest_plugin.py).
 """
 
 import pytest
@@ -30,9 +29,6 @@ def test_stage_matches_golden(reports, model, dtype, key):
     report = reports(model, dtype)
     r = report.result(key)
     if r.status == compare.NOT_CHECKED:
-        if report.verdict == compare.V_PARTIAL:
-            pytest.skip(f"PARTIAL: {len(report.checked)} of {len(report.results)} stages ({model} {dtype}); "
-                        f"{key} not reported")
         pytest.fail(f"NOT REPORTED: {key} ({model} {dtype}). {verdict_line(report)}", pytrace=False)
     if r.status == compare.CONSEQUENCE:
         pytest.xfail(f"consequence of the first failure at {report.first_failure.key}")

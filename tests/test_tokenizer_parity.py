@@ -1,4 +1,5 @@
-"""impl's tiktoken tokenizers against Hugging Face's, string by string over a ~1,500-string corpus.
+"""impl's tiktoken tokenizers against Hugging Face's, string by string over the ~1,650-string corpus
+(golden.tokenizer_corpus, the one `python -m golden check-tokenizer` runs).
 
 Llama 3: impl reads Meta's tokenizer.model (and, separately, the tokenizer.json); the reference is
 `tokenizers.Tokenizer.from_file(tokenizer.json)`.
@@ -13,18 +14,13 @@ Each test walks the whole corpus and reports the first mismatching string with b
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from golden import tokenizer_corpus
 from impl import assets
 from impl.tokenizer import LLAMA3_PATTERN, SMOLLM_PATTERN, Tokenizer, from_gguf, from_tokenizer_json, load_llama3
-
-# tests/ is not a package: load the corpus module from its file.
-_spec = importlib.util.spec_from_file_location("tokenizer_corpus", Path(__file__).parent / "data/tokenizer_corpus.py")
-tokenizer_corpus = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tokenizer_corpus)
 
 CORPUS = tokenizer_corpus.corpus()
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,8 +86,24 @@ def test_corpus_is_large_and_deterministic():
 
 
 def test_llama3_model_encode_matches_hf(llama3, llama3_hf):
-    assert_same(CORPUS, lambda s: llama3.encode(s, bos=False, allow_special=True),
+    # Read as specials, the names the two files give different ids are not comparable: tokenizer.model (llama-models
+    # 0.3.0) has Llama 3.1's names (<|eom_id|> at 128008), the tokenizer.json Llama 3.0's
+    # (<|reserved_special_token_4|> there).
+    renamed = [t for t, i in llama3.special_tokens.items() if llama3_hf.token_to_id(t) != i]
+    assert "<|eom_id|>" in renamed and "<|eot_id|>" not in renamed
+    texts = [s for s in CORPUS if not any(name in s for name in renamed)]
+    assert_same(texts, lambda s: llama3.encode(s, bos=False, allow_special=True),
                 lambda s: llama3_hf.encode(s, add_special_tokens=False).ids, "tokenizer.model vs HF tokenizer.json")
+
+
+def test_llama3_model_encode_plain_special_text_matches_hf(llama3, llama3_hf):
+    # The contract of check-tokenizer: special-token text as plain text, for every name in the corpus.
+    llama3_hf.encode_special_tokens = True
+    try:
+        assert_same(CORPUS, lambda s: llama3.encode(s, bos=False),
+                    lambda s: llama3_hf.encode(s, add_special_tokens=False).ids, "tokenizer.model vs HF, plain text")
+    finally:
+        llama3_hf.encode_special_tokens = False
 
 
 def test_llama3_json_encode_matches_hf(llama3_folder, llama3_hf):

@@ -465,3 +465,11 @@ def test_smollm2_gguf_weights_match_transformers_gguf_reader(smollm2):
     assert sorted(ours) == sorted(k for k in reference if k != "lm_head.weight")
     for name in ours:
         assert torch.equal(ours[name], reference[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_random_weights_are_the_same_drawn_in_any_chunk_size(dtype, monkeypatch):
+    whole = W.random_weights(TINY, seed=0, dtype=dtype)  # every tiny matrix fits in one chunk
+    monkeypatch.setattr(W, "_RANDOM_CHUNK", 7)  # chunks that split every tensor, rows and all
+    chunked = W.random_weights(TINY, seed=0, dtype=dtype)
+    assert W.sha256_of_weights(chunked) == W.sha256_of_weights(whole)
