@@ -10,6 +10,7 @@ diagnosis. Tiny goldens in the default suite; SmolLM2 `slow`.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from golden import compare as cmp
 from golden.check import check_with_decode, impl_forward
@@ -50,6 +51,15 @@ def _keys_rotated_again(cache, i, start_pos, k, v):
     return _ORIG["apply_rope"](keys, _ORIG["precompute_freqs_cis"](config, keys.shape[0], 0)), values
 
 
+def _cached_keys_unrotated(cache, i, start_pos, k, v):
+    keys, values = _ORIG["cache_keys_values"](cache, i, start_pos, k, v)
+    if start_pos == 0:
+        return keys, values
+    # bug: the cache holds keys before RoPE, and the decode path reads them so (only the new key is rotated)
+    cis = _ORIG["precompute_freqs_cis"](_CONFIG[0], start_pos, 0)
+    return torch.cat([_ORIG["apply_rope"](keys[:start_pos], cis.conj()), keys[start_pos:]]), values
+
+
 def _mask_from_zero(q_len, k_len, start_pos, dtype=None):
     return _ORIG["causal_mask"](q_len, k_len, 0, *(() if dtype is None else (dtype,)))  # bug: start_pos ignored
 
@@ -73,6 +83,8 @@ MUTATIONS = {
                           "position {p}'s key and value missing"),
     "cached-keys-rotated-again": ("cache_keys_values", _keys_rotated_again, 1, "layers.0.scores",
                                   "cache.keys_rotated_twice", "every key rotated again"),
+    "cached-keys-before-rope": ("cache_keys_values", _cached_keys_unrotated, 1, "layers.0.scores",
+                                "cache.keys_unrotated", "the cached keys before RoPE, the new one rotated"),
     "mask-ignores-start-pos": ("causal_mask", _mask_from_zero, 1, "layers.0.scores", "attention.mask_from_zero",
                                "queries at positions from 0 instead of {p}"),
     "start-pos-off-by-one": (None, _start_pos_plus_one, 1, "rope_cos", "rope.positions_offset",
