@@ -10,6 +10,11 @@ tokens: int64 (seq,); weights: Meta-named, Meta-layout tensors in the dtype unde
 config: impl.config.ModelConfig; trace(name, tensor): call it for every stage you compute, with
 the names and layouts of impl.stages. impl's own forward is the default.
 
+An implementation that also takes `start_pos` and `cache` follows the decode protocol (README, "Checking
+decoding"): fn(tokens, weights, config, trace, start_pos=0, cache=None) -> (logits, cache). The check calls it
+with the prompt, then once per decode step with the golden's next token and the cache it returned, and compares
+every step's stages (golden.decode); one without them is checked on the prefill and told decode did not run.
+
 A bf16 run is judged against the fp32 golden of the same model and prompt (its "truth"), with the
 reference's own bf16 golden saying how much bf16 error is fair (golden.compare).
 """

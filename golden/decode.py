@@ -138,9 +138,10 @@ def _top(logits: torch.Tensor, k: int) -> tuple[int, ...]:
 
 
 def tail_logprob(logprobs: torch.Tensor, top_ids) -> float:
-    """log of the probability outside top_ids, from a full (vocab,) log-softmax, in float64."""
+    """log of the probability outside top_ids, from a full (vocab,) log-softmax (summed in its dtype, fp32 or
+    wider: the entries are all below the top ids')."""
     top = torch.as_tensor(list(top_ids), dtype=torch.long)
-    return float(torch.logsumexp(logprobs.double().index_fill(0, top, -math.inf), 0))
+    return float(torch.logsumexp(logprobs.float().index_fill(0, top, -math.inf), 0))
 
 
 # ================================================================ recording (transformers' DynamicCache)
@@ -313,9 +314,8 @@ def sampled_logits_check(full: torch.Tensor, ids: torch.Tensor, top_k: int, trut
                          ref_tail: float | None = None) -> cmp.LogitsCheck:
     """The prefill's logits check on a step's sample: the implementation's full logits (vocab,) against the
     golden's sampled logits and log-probabilities (at `ids`, the first top_k the golden's best)."""
-    full = full.double()
     top = ids[:top_k]
-    lq = F.log_softmax(full, -1)
+    lq = F.log_softmax(full.float(), -1)  # fp32: the KL is second order in its rounding (~1e-14)
     q_tail = tail_logprob(lq, top.tolist())
     expected = truth[stages.LOGITS].double()
     kl = bucket_kl(truth[stages.LOGPROBS_LAST][:top_k], truth_tail, lq[top], q_tail)

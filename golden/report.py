@@ -229,6 +229,8 @@ def decode_verdict_line(d: DecodeReport, prefill: cmp.Report | None = None) -> s
         return f"decode: PASS {n_pass}/{n} steps"
     missing = [st.key(k) for st in d.steps for k in st.report.missing]
     n_layers = max((x.layer or 0 for st in d.steps for x in st.report.results), default=0) + 1
+    if verdict == cmp.V_FAIL and d.first_failing is None:  # a diff whose goldens fed other tokens (no step failed)
+        return f"decode: FAIL: the goldens feed or sample other tokens from step {d.diverged} on"
     if verdict == cmp.V_FAIL:
         st = d.first_failing
         first = st.report.first_failure
