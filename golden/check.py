@@ -39,6 +39,7 @@ import torch
 from golden import compare as cmp
 from golden.decode import DecodeReport, check_same_plan, check_steps, diff_steps, not_run, plan_of, why_not_run
 from golden.format import MANIFEST, Golden, GoldenError, check_same_model, dtype_name, load_golden
+from golden.sampling import Sampled
 from impl import stages
 from impl.errors import Llama3GoldenError
 
@@ -179,6 +180,11 @@ def _is_truth_of(candidate: Golden, golden: Golden) -> bool:
             and candidate.manifest["model"]["config"] == golden.manifest["model"]["config"])
 
 
+def _rows(golden: Golden) -> list:
+    """Each stage's `rows` (golden.sampling), None where it is stored in full."""
+    return [e.get("rows") for e in golden.manifest["stages"]]
+
+
 def _siblings(golden: Golden) -> Iterator[Golden]:
     """The goldens beside this one (tiny/bf16 -> tiny/fp32), loaded one at a time as they are asked for."""
     for p in _golden_folders(golden.path.parent):
@@ -281,7 +287,7 @@ def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def _normalise(name, tensor, config, seq: int, seen, kv_len: int | None = None) -> torch.Tensor:
+def _normalise(name, tensor, config, seq: int, seen, kv_len: int | None = None, copy: bool = True) -> torch.Tensor:
     """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
     logits of the last position. seq: the call's new positions; kv_len: every key it attends to (a decode step)."""
     if not isinstance(name, str):
@@ -303,7 +309,7 @@ def _normalise(name, tensor, config, seq: int, seen, kv_len: int | None = None) 
         t = t[0]
     if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
         t = t.reshape(-1, *expected)[-1]  # every position reported: the stage is the last one
-    return t.clone()
+    return t.clone() if copy else t
 
 
 def _weight_digests(weights) -> dict[str, str]:
@@ -329,17 +335,20 @@ def _weights_for(weights) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len: int | None = None,
-                 cached: dict | None = None, context: str = "", prefix: str = "", before: tuple[str, ...] = ()
-                 ) -> tuple[dict[str, torch.Tensor], object]:
+                 cached: dict | None = None, context: str = "", prefix: str = "", before: tuple[str, ...] = (),
+                 on_stage: Callable[[str, torch.Tensor], None] | None = None
+                 ) -> tuple[dict[str, torch.Tensor | None], object]:
     """One call of fn under the trace protocol: (the stages it reported, what it returned).
 
-    cached: the decode protocol's keywords (start_pos, cache), passed as given; context: where in a decode run
-    the call is ('decode step 2 at position 18'), said in every error. An error carries the golden keys of the
-    stage it is about (`stage`) and of those traced before it in the run (`traced`): a decode step's are
-    `prefix` + key ('decode.2.'), after the keys traced in the calls `before` it.
+    on_stage(name, tensor): each stage as it is traced (the checker's `Stream`), kept nowhere else (the stages
+    returned are then None). cached: the decode protocol's keywords (start_pos, cache), passed as given; context:
+    where in a decode run the call is ('decode step 2 at position 18'), said in every error. An error carries the
+    golden keys of the stage it is about (`stage`) and of those traced before it in the run (`traced`): a decode
+    step's are `prefix` + key ('decode.2.'), after the keys traced in the calls `before` it.
     """
-    seen: dict[str, torch.Tensor] = {}
+    seen: dict[str, torch.Tensor | None] = {}
     errors: list[ImplementationError] = []
+    ours: list[BaseException] = []  # raised by on_stage (the checker), not by the user's code
     seq = len(tokens)
     during = f" (in {context})" if context else ""
 
@@ -347,13 +356,20 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
         if errors:
             raise errors[0]
         try:
-            seen[name] = _normalise(name, tensor, config, seq, seen, kv_len)
+            t = _normalise(name, tensor, config, seq, seen, kv_len, copy=on_stage is None)
         except ImplementationError as e:
             if context:
                 e = ImplementationError(f"{e}{during}")
             e.stage = prefix + name if isinstance(name, str) else None
             errors.append(e)
             raise e from None
+        seen[name] = t if on_stage is None else None
+        if on_stage is not None:
+            try:
+                on_stage(name, t)
+            except Exception as e:
+                ours.append(e)
+                raise
 
     try:
         with torch.inference_mode():
@@ -363,6 +379,8 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
     except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
         if errors and e is errors[0]:
             raise _traced(errors[0], seen, prefix, before) from None
+        if ours:
+            raise ours[0] from None
         last = next(reversed(seen), None) if seen else None
         what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
                 else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
@@ -371,6 +389,8 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
                       seen, prefix, before) from None
     if errors:  # a bad trace call the user's code caught and went on from
         raise _traced(errors[0], seen, prefix, before)
+    if ours:
+        raise ours[0]
     return seen, result
 
 
@@ -380,8 +400,13 @@ def _traced(e: ImplementationError, seen, prefix: str = "", before: tuple[str, .
     return e
 
 
-def run_implementation(fn: Implementation, tokens: list[int], weights, config) -> dict[str, torch.Tensor]:
+def run_implementation(fn: Implementation, tokens: list[int], weights, config,
+                       on_stage: Callable[[str, torch.Tensor], None] | None = None) -> dict[str, torch.Tensor | None]:
     """Call fn under the trace protocol; returns the reported stages (detached copies).
+
+    With `on_stage`, each reported stage goes to on_stage(name, tensor) inside the trace call (the tensor as
+    the implementation reported it, normalised but not copied: compare it before returning) and is not kept:
+    the returned dict then maps each reported name to None.
 
     The user's code cannot end or poison the run: anything it raises (SystemExit too; KeyboardInterrupt
     still interrupts) becomes one ImplementationError naming its file and line and the last stage it
@@ -390,7 +415,7 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config) -
     error even if the user's code catches it.
     """
     with _weights_for(weights) as given:
-        seen, _ = _traced_call(fn, tokens, given, config)
+        seen, _ = _traced_call(fn, tokens, given, config, on_stage=on_stage)
     return seen
 
 
@@ -404,15 +429,17 @@ def takes_cache(fn: Implementation) -> bool:
     return "start_pos" in params and "cache" in params
 
 
-def run_decode(fn: Implementation, golden: Golden, weights, config
-               ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def run_decode(fn: Implementation, golden: Golden, weights, config,
+               on_prefill_stage: Callable[[str, torch.Tensor], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor | None], list[dict[str, torch.Tensor]]]:
     """The decode protocol: fn(prompt, ..., start_pos=0, cache=None) -> (logits, cache), then per step
-    fn([token], ..., start_pos=position, cache=cache) with the cache it returned; the stages of the prefill and of
-    each step. The tokens fed are the golden's (golden.decode: the fp32 reference's greedy tokens)."""
+    fn([token], ..., start_pos=position, cache=cache) with the cache it returned; the stages of the prefill (to
+    on_prefill_stage as they come, as run_implementation's on_stage) and of each step. The tokens fed are the
+    golden's (golden.decode: the fp32 reference's greedy tokens)."""
     plan = plan_of(golden)
     with _weights_for(weights) as given:
         prefill, result = _traced_call(fn, golden.tokens, given, config, cached={"start_pos": 0, "cache": None},
-                                       context="the prefill of a decode run")
+                                       context="the prefill of a decode run", on_stage=on_prefill_stage)
         steps, traced = [], tuple(prefill)
         for step in range(1, plan.steps + 1):
             cache = _returned_cache(result, "the prefill" if step == 1 else f"decode step {step - 1}")
@@ -436,32 +463,94 @@ def _returned_cache(result, where: str):
     return result[1]
 
 
+class Stream:
+    """Compares each stage as the implementation traces it, then lets it go (`run_implementation(on_stage=...)`).
+
+    It keeps each stage's result, the logits check, and one tensor: the implementation's tensor of the earliest
+    failing stage in forward order so far, for the diagnosis. So a check holds the model, the golden and the
+    implementation's own working set, not every stage at once: an 8-layer check needs no more than a 2-layer one
+    (tests/test_sampling.py measures it). A sampled golden's stage (golden.sampling) is reduced here, from the full
+    tensor, with the recorder's own sampling function.
+    """
+
+    def __init__(self, expected, dtype: str, reference=None, hf_layout_config=None):
+        self.expected, self.reference = expected, reference
+        self.hf_layout_config = hf_layout_config  # --qk-layout hf: q/k stages put in Meta's order as they arrive
+        self.judge = cmp.judge_for(expected, dtype, reference)
+        self.judged: dict[str, cmp.StageResult] = {}
+        self.reported: list[str] = []
+        self.logits: cmp.LogitsCheck | None = None
+        self.kept: tuple[str, torch.Tensor] | None = None  # (key, tensor) of the earliest failing stage
+        # layout_hint's inputs: q and q_rope as reported, of the layer where a q or k stage is the earliest failure
+        self.layout_inputs: dict[str, torch.Tensor] = {}
+        self._last_q: tuple[str, torch.Tensor] | None = None  # the latest layer's q as reported (one tensor)
+
+    def __call__(self, key: str, raw: torch.Tensor) -> None:
+        self.reported.append(key)
+        if key not in self.expected:
+            return
+        layer, stage = stages.parse(key)
+        hf = self.hf_layout_config is not None and stage in QK_STAGES
+        t = to_meta_layout({key: raw}, self.hf_layout_config)[key] if hf else raw
+        r = self.judge.stage(key, t)
+        self.judged[key] = r
+        if key == stages.LOGITS:
+            self.logits = cmp.logits_check(self.expected, t, self.reference)
+        if stage == stages.Q:
+            self._last_q = (key, raw.clone())
+        if r.status == cmp.FAIL and (self.kept is None or cmp.forward_rank(key) < cmp.forward_rank(self.kept[0])):
+            self.kept = (key, t.clone())
+            self.layout_inputs = {}
+            if stage in (stages.Q, stages.K) and self._last_q is not None and self._last_q[0] == stages.key(stages.Q,
+                                                                                                             layer):
+                self.layout_inputs = dict([self._last_q])
+        if stage == stages.Q_ROPE and self.layout_inputs and self.kept[0] in (stages.key(stages.Q, layer),
+                                                                              stages.key(stages.K, layer)):
+            self.layout_inputs[key] = raw.clone()
+
+    def report(self, partial: bool = False) -> cmp.Report:
+        report = cmp.assemble(list(self.expected), self.judged, self.judge.dtype, self.reported)
+        report.partial, report.logits = partial, self.logits
+        return report
+
+    def actual(self) -> dict[str, torch.Tensor | None]:
+        """What the diagnosis reads: every reported key, with the kept tensor under its key (None elsewhere)."""
+        out: dict[str, torch.Tensor | None] = dict.fromkeys(self.reported)
+        if self.kept is not None:
+            out[self.kept[0]] = self.kept[1]
+        return out
+
+
 def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
                  qk_layout: str = "meta") -> cmp.Report:
-    """Run fn on the golden's tokens and compare every stage with the fp32 truth.
+    """Run fn on the golden's tokens and compare every stage with the fp32 truth as it is traced (`Stream`).
 
     bf16: the reference's own bf16 error (golden against truth) sets each stage's limit. Stages fn does not
     report make the verdict INCOMPLETE, or PARTIAL when `partial`. qk_layout "hf": fn reports q, k, q_rope and
     k_rope in transformers' rotate-half layout; they are put in Meta's order before the comparison.
     """
     _check_layout(qk_layout)
-    reported = run_implementation(fn, golden.tokens, weights, config)
-    return compare_prefill(reported, golden, truth, config, weights, partial, qk_layout)
+    stream = _stream(golden, truth, config, qk_layout)
+    run_implementation(fn, golden.tokens, weights, config, on_stage=stream)
+    return _prefill_report(stream, truth, config, weights, partial, qk_layout)
 
 
-def compare_prefill(reported: dict[str, torch.Tensor], golden: Golden, truth: Golden, config, weights,
-                    partial: bool = False, qk_layout: str = "meta") -> cmp.Report:
-    """The prefill's stages that an implementation reported, against the golden's: a Report, the first failure
-    diagnosed (and, for a q or k, whether the other q/k layout explains it)."""
-    actual = to_meta_layout(reported, config) if qk_layout == "hf" else reported
-    reference = golden.tensors if golden.dtype == "bf16" else None
-    report = cmp.compare(truth.tensors, actual, golden.dtype, reference, partial=partial)
+def _stream(golden: Golden, truth: Golden, config, qk_layout: str) -> Stream:
+    return Stream(truth.tensors, golden.dtype, golden.tensors if golden.dtype == "bf16" else None,
+                  config if qk_layout == "hf" else None)
+
+
+def _prefill_report(stream: Stream, truth: Golden, config, weights, partial: bool, qk_layout: str) -> cmp.Report:
+    """The Report of a streamed prefill, its first failure diagnosed (and, for a q or k, whether the other q/k
+    layout explains it)."""
+    report = stream.report(partial)
     first = report.first_failure
     if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
         from golden.diagnose import diagnose
 
-        first.diagnosis = diagnose(first.key, actual, truth.tensors, config, weights, diagnosis_limit(first))
-        hint = layout_hint(report, reported, truth.tensors, qk_layout)
+        first.diagnosis = diagnose(first.key, stream.actual(), truth.tensors, config, weights,
+                                   diagnosis_limit(first))
+        hint = layout_hint(report, stream.layout_inputs, truth.tensors, qk_layout)
         if hint:
             report.hints.append(hint)
     return report
@@ -477,10 +566,11 @@ def check_with_decode(fn: Implementation, golden: Golden, truth: Golden, config,
         return check_golden(fn, golden, truth, config, weights, partial, qk_layout), not_run(why_not, golden)
     _check_layout(qk_layout)
     check_same_plan(golden, truth)
-    prefill, steps = run_decode(fn, golden, weights, config)
+    stream = _stream(golden, truth, config, qk_layout)
+    _, steps = run_decode(fn, golden, weights, config, on_prefill_stage=stream)
     if qk_layout == "hf":
         steps = [to_meta_layout(s, config) for s in steps]
-    return (compare_prefill(prefill, golden, truth, config, weights, partial, qk_layout),
+    return (_prefill_report(stream, truth, config, weights, partial, qk_layout),
             check_steps(steps, golden, truth, config, weights, partial))
 
 
@@ -513,6 +603,8 @@ def layout_hint(report: cmp.Report, reported, golden, qk_layout: str) -> str:
     first = report.first_failure
     if first is None or first.stage not in (stages.Q, stages.K) or first.layer is None:
         return ""
+    if any(isinstance(golden.get(stages.key(s, first.layer)), Sampled) for s in (stages.Q, stages.Q_ROPE)):
+        return ""  # a long prompt's golden keeps a few rows of q: the layout test needs them all
     other = "interleaved" if qk_layout == "hf" else "rotate_half"
     for stage in (stages.Q, stages.Q_ROPE):
         key = stages.key(stage, first.layer)
@@ -641,6 +733,9 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             raise GoldenError(f"{g.path}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
         if truth.manifest["prompt"] != g.manifest["prompt"]:
             raise GoldenError(f"{g.path}: recorded on another prompt than its fp32 golden {truth.path}")
+        if _rows(truth) != _rows(g):
+            raise GoldenError(f"{g.path}: sampled at other positions than its fp32 golden {truth.path} (re-record both "
+                              f"with one version)")
         ckpt, weights = load_model_for(g, g.torch_dtype, model, checkpoints)
         key = str(ckpt.tokenizer)
         if key not in tokenizers:

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from golden import compare as cmp
+from golden import sampling
+from golden.sampling import Sampled
 from impl import model as _impl_model
 from impl import stages
 from impl.config import ModelConfig, RopeScaling
@@ -98,7 +100,7 @@ AXES: dict[str, tuple[str, ...]] = {
 
 def label_index(stage: str, index: tuple[int, ...]) -> str:
     """(3, 1, 1) at scores -> 'head 3, query 1, key 1'; an index of another rank stays a list."""
-    names = AXES.get(stage, ())
+    names = AXES.get(stage, ())[: len(index)]  # a summary of every row: the leading axes (head, query)
     if len(names) != len(index):
         return str(list(index))
     return ", ".join(f"{n} {i}" for n, i in zip(names, index, strict=True))
@@ -125,7 +127,8 @@ class Ctx:
 
     @property
     def seq(self) -> int:
-        return self.g(ROPE_COS).shape[0] if self.prefix + ROPE_COS in self.golden else int(self.g(TOKENS).numel())
+        cos = self.golden.get(self.prefix + ROPE_COS)
+        return cos.shape[0] if cos is not None else int(self.g(TOKENS).numel())
 
     def key(self, stage: str, layer: int | None = -1) -> str:
         layer = self.layer if layer == -1 else layer
@@ -137,6 +140,8 @@ class Ctx:
         k = self.key(stage, layer)
         if k not in self.golden:
             raise Missing(k)
+        if isinstance(self.golden[k], Sampled):  # a long prompt's golden keeps a few rows of each stage
+            raise Missing(f"{k} in full; a golden of a prompt of at most {sampling.THRESHOLD} tokens has it")
         return self.golden[k].float()
 
     def w(self, name: str) -> torch.Tensor:
@@ -1046,7 +1051,14 @@ def _diagnose(key: str, actual: Mapping[str, torch.Tensor], golden: Mapping[str,
               weights: Mapping[str, torch.Tensor] | None, limit: float, start_pos: int, prefix: str) -> Diagnosis:
     layer, stage = stages.parse(key[len(prefix):])
     a = actual[key].detach().float()
-    g = golden[key].float()
+    stored = golden[key]
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # a sampled golden: judge on its sampled rows (golden.sampling)
+        sampled = isinstance(stored, Sampled) and tuple(t.shape) == stored.shape
+        return sampling.take(t, stored.rows) if sampled else t
+
+    a = rows(a)
+    g = stored.values.float() if isinstance(stored, Sampled) else stored.float()
     ctx = Ctx(stage, layer, golden, config, weights, frozenset(actual), start_pos, prefix)
     best: dict[str, Finding] = {}
     same, not_tried = [], []
@@ -1059,7 +1071,7 @@ def _diagnose(key: str, actual: Mapping[str, torch.Tensor], golden: Mapping[str,
             not_tried.append(f"{h.id} (needs {e})")
             continue
         for detail, pred in variants:
-            pred = pred.detach().float()
+            pred = rows(pred.detach().float())
             if tuple(pred.shape) == tuple(g.shape) and _rel(pred, g) <= limit:
                 if h.id not in same:
                     same.append(h.id)

@@ -34,13 +34,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from golden import sampling
+from golden.sampling import Sampled
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError
 from impl.layout import DTYPES  # a golden's dtype names: "fp32" | "bf16"
 
 FORMAT = "llama3-golden"
-VERSION = 2  # 2: manifest_sha256, exactly every stage of the model, reserved decode/rows
+VERSION = 2  # 2: manifest_sha256, exactly every stage of the model, reserved decode, sampled rows (golden.sampling)
 MANIFEST = "manifest.json"
 ACTIVATIONS = "activations.safetensors"
 
@@ -82,17 +84,18 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Golden:
-    """A loaded, verified golden. `tensors`: the prefill's stages in forward order (the manifest's stage order);
+    """A loaded, verified golden. `tensors`: the prefill's stages in forward order (the manifest's stage order); a
+    stage of a long prompt is a `golden.sampling.Sampled` (its manifest entry has `rows`), every other a full tensor.
     `decode_steps`: step s's stages at index s - 1, keyed as the prefill's (`layers.0.k_rope`), where the golden
     has a decode section (golden.decode), else empty."""
 
     path: Path
     manifest: dict[str, Any]
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | Sampled]
     decode_steps: tuple[dict[str, torch.Tensor], ...] = ()
 
-    def stored(self) -> dict[str, torch.Tensor]:
-        """Every tensor under the key it is stored under (`decode.1.layers.0.k_rope` for a decode step's): what
+    def stored(self) -> dict[str, torch.Tensor | Sampled]:
+        """Every stage under the key it is stored under (`decode.1.layers.0.k_rope` for a decode step's): what
         write_golden takes."""
         out = dict(self.tensors)
         for step, tensors in enumerate(self.decode_steps, 1):
@@ -161,9 +164,30 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _tensor_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
+def _stored(tensors: Mapping[str, torch.Tensor | Sampled]) -> dict[str, torch.Tensor]:
+    """The file's tensors: a full stage under its key; a sampled one's rows under its key (attention rows up to
+    their query: golden.sampling.pack) and each summary of every row under `<key>/<summary>` (e.g.
+    `layers.0.scores/logsumexp`)."""
+    out = {}
+    for k, v in tensors.items():
+        if isinstance(v, Sampled):
+            out[k] = sampling.pack(stages.parse(k)[1], v)
+            out.update({f"{k}/{name}": t for name, t in v.summaries.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def _entry(k: str, v: torch.Tensor | Sampled) -> dict[str, Any]:
+    entry = {"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)}
+    if isinstance(v, Sampled):
+        entry["rows"] = v.rows.to_json()
+    return entry
+
+
+def _tensor_bytes(tensors: Mapping[str, torch.Tensor | Sampled]) -> bytes:
     # The metadata is constant, so equal tensors give equal bytes.
-    data = {k: v.detach().contiguous() for k, v in tensors.items()}
+    data = {k: v.detach().contiguous() for k, v in _stored(tensors).items()}
     # One metadata entry: safetensors keeps metadata in a hash map, so several would come out in any order.
     return st_save(data, metadata={"format": f"{FORMAT} {VERSION}"})
 
@@ -352,13 +376,16 @@ def write_golden(folder: str | os.PathLike, manifest: Mapping[str, Any], tensors
     folder as it was and no temp folder behind.
     """
     folder = Path(folder)
-    blob = _tensor_bytes(tensors)
+    try:
+        blob = _tensor_bytes(tensors)
+    except ValueError as e:  # a sampled attention row that is not causal cannot be stored by its prefix
+        raise GoldenError(f"{folder}: cannot write golden: {e}") from None
     full = {
         **manifest,
         "format": FORMAT,
         "version": VERSION,
         "layout": LAYOUT,
-        "stages": [{"name": k, "shape": list(v.shape), "dtype": dtype_name(v.dtype)} for k, v in tensors.items()],
+        "stages": [_entry(k, v) for k, v in tensors.items()],
         "activations_sha256": hashlib.sha256(blob).hexdigest(),
     }
     full["manifest_sha256"] = manifest_digest(full)
@@ -469,7 +496,9 @@ def _field_problem(manifest: Mapping[str, Any]) -> str | None:
         if not isinstance(dtype, str):
             return f"stages[{i}] ({name}).dtype: a string expected, got {kind(dtype)}"
         if entry.get("rows") is not None:
-            return f"stages[{i}] ({name}).rows: sampled rows are not supported by this version (null expected)"
+            problem = _rows_problem(entry["rows"], name, len(manifest["tokens"]))
+            if problem:
+                return f"stages[{i}] ({name}).rows: {problem}"
         unknown = sorted(set(entry) - {"name", "shape", "dtype", "rows"})
         if unknown:
             return f"stages[{i}] ({name}): unknown field {unknown[0]!r}"
@@ -483,6 +512,17 @@ def _field_problem(manifest: Mapping[str, Any]) -> str | None:
         return (f"derived: {manifest['derived']} does not go with attention {manifest['attn_implementation']} "
                 f"(which derives {list(ATTN_DERIVED[manifest['attn_implementation']])})")
     return None
+
+
+def _rows_problem(rows: Any, name: str, seq: int) -> str | None:
+    try:
+        step, key = stages.split_step(name)
+        _, stage = stages.parse(key)
+    except KeyError:
+        return None  # an unknown stage: the stage-set check refuses it
+    if step is not None:
+        return "a decode step holds one position: sampled rows are for a prompt's stages (null expected)"
+    return sampling.rows_problem(rows, stage, seq)
 
 
 def _check_writable(folder: Path, manifest: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
@@ -636,10 +676,14 @@ def load_golden(folder: str | os.PathLike) -> Golden:
         if name not in stored:
             raise GoldenError(f"{path}: stage {name} is listed in the manifest but not in the file")
         t = stored.pop(name)
-        if list(t.shape) != list(entry["shape"]) or dtype_name(t.dtype) != entry["dtype"]:
+        rows = sampling.rows_from_json(entry["rows"]) if entry.get("rows") is not None else None
+        full, stage = tuple(entry["shape"]), stages.parse(stages.split_step(name)[1])[1]
+        shape = list(full) if rows is None else list(sampling.packed_shape(stage, rows, full))
+        if list(t.shape) != shape or dtype_name(t.dtype) != entry["dtype"]:
             raise GoldenError(f"{path}: stage {name} is {dtype_name(t.dtype)} {list(t.shape)}, "
-                              f"the manifest says {entry['dtype']} {list(entry['shape'])}")
-        tensors[name] = t
+                              f"the manifest says {entry['dtype']} {shape}")
+        tensors[name] = t if rows is None else Sampled(rows, full, sampling.unpack(stage, t, rows, full),
+                                                       _summaries(path, name, rows, full, stored))
     if stored:
         raise GoldenError(f"{path}: {len(stored)} tensors not listed in the manifest (e.g. {sorted(stored)[0]})")
     if tensors["tokens"].dtype != torch.int64 or tensors["tokens"].tolist() != manifest["tokens"]:
@@ -654,6 +698,22 @@ def load_golden(folder: str | os.PathLike) -> Golden:
                 steps.append({})
             steps[step - 1][rest] = t
     return Golden(folder, manifest, prefill, tuple(steps))
+
+
+def _summaries(path: Path, name: str, rows: sampling.Rows, shape: tuple[int, ...], stored: dict) -> dict:
+    """A sampled stage's summaries of every row, taken out of `stored`, each checked for its shape and dtype."""
+    out = {}
+    for summary in rows.summaries:
+        k = f"{name}/{summary}"
+        if k not in stored:
+            raise GoldenError(f"{path}: stage {name} is sampled but its {summary} of every row is not in the file")
+        t = stored.pop(k)
+        want, dtype = sampling.summary_shape(rows, shape), sampling.SUMMARY_DTYPES.get(summary, torch.float32)
+        if tuple(t.shape) != want or t.dtype != dtype:
+            raise GoldenError(f"{path}: {k} is {dtype_name(t.dtype)} {list(t.shape)}, a sampled {name} holds "
+                              f"{dtype_name(dtype)} {list(want)}")
+        out[summary] = t
+    return out
 
 
 def check_same_model(golden: Golden, config: ModelConfig, weights_sha256: str, name: str | None = None) -> None:

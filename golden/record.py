@@ -36,8 +36,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from golden import sampling
 from golden.decode import DEFAULT_STEPS, Plan, capture_decode, greedy_plan, plan_of
 from golden.format import ATTN_DERIVED, check_destination, destination, environment, load_golden, write_golden
+from golden.sampling import Sampled, sample_stage
 from impl import stages
 from impl.config import ModelConfig
 from impl.errors import Llama3GoldenError, PromptError, check_prompt
@@ -91,17 +93,23 @@ def _register_attention() -> None:
 
 # ---------------------------------------------------------------- capture
 class _Recorder:
-    """Collects tensors under stage keys while one forward pass runs."""
+    """Collects tensors under stage keys while one forward pass runs.
 
-    def __init__(self, attn: str, head_dim: int, progress: Any = None):
-        self.attn, self.head_dim, self.progress = attn, head_dim, progress
+    With `positions` (a long prompt, golden.sampling), each stage is reduced to its sampled rows and its summaries
+    of every row as it is produced, so the recording never holds more than the layer being computed."""
+
+    def __init__(self, attn: str, head_dim: int, progress: Any = None, positions: tuple[int, ...] | None = None):
+        self.attn, self.head_dim, self.progress, self.positions = attn, head_dim, progress, positions
         self.layer: int | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.tensors: dict[str, torch.Tensor | Sampled] = {}
 
     def put(self, stage: str, t: torch.Tensor) -> None:
-        """Store one tensor (batch dim already removed): detached, on the CPU, contiguous, a copy."""
+        """Store one tensor (batch dim already removed): detached, on the CPU, contiguous, a copy; sampled where
+        the prompt is long."""
         k = stages.key(stage, self.layer if stages.BY_NAME[stage].per_layer else None)
-        self.tensors[k] = t.detach().to("cpu", copy=True).contiguous()
+        t = t.detach().to("cpu")
+        stored = sample_stage(k, t, self.positions)
+        self.tensors[k] = stored.to("cpu", copy=True).contiguous() if stored is t else stored
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         """(1, seq, n*d) -> (seq, n, d)."""
@@ -196,15 +204,17 @@ def _hook_model(hf_model, rec: _Recorder) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def capture(hf_model, tokens: list[int], attn: str, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Run the model once on `tokens` and return every stage, in forward order (impl.stages keys)."""
+def capture(hf_model, tokens: list[int], attn: str, progress: bool = False,
+            sample_above: int = sampling.THRESHOLD) -> dict[str, torch.Tensor | Sampled]:
+    """Run the model once on `tokens` and return every stage, in forward order (impl.stages keys); on a prompt
+    of more than `sample_above` tokens, stages with a position axis sampled (golden.sampling)."""
     from tqdm import tqdm
 
     cfg = hf_model.config
     n_layers = cfg.num_hidden_layers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     bar = tqdm(total=n_layers, desc="recording", unit="layer", disable=not progress, leave=False)
-    rec = _Recorder(attn, head_dim, bar)
+    rec = _Recorder(attn, head_dim, bar, sampling.sample_positions(len(tokens), sample_above))
     ids = torch.tensor([tokens], dtype=torch.long)
     rec.put("tokens", ids[0])
     with bar, _hook_model(hf_model, rec):
@@ -310,12 +320,13 @@ def _check_text(value: str, what: str) -> None:
 
 
 def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str | Path, device_map: Any = None,
-           offload_folder: str | None = None, progress: bool = True, decode_steps: int = DEFAULT_STEPS,
-           decode_plan: Plan | None = None) -> Path:
+           offload_folder: str | None = None, progress: bool = True, sample_above: int = sampling.THRESHOLD,
+           decode_steps: int = DEFAULT_STEPS, decode_plan: Plan | None = None) -> Path:
     """Record a golden of `model` on `prompt` in `dtype` ('fp32'|'bf16') into folder `out`; returns it.
 
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
-    larger than memory. `out` is checked and locked before the model loads (`golden.format.destination`):
+    larger than memory. A prompt of more than `sample_above` tokens is stored sampled (golden.sampling).
+    `out` is checked and locked before the model loads (`golden.format.destination`):
     only a golden, an empty folder or a new path is written; anything else is refused before any work.
     `decode_steps` > 0 adds that many KV-cache decoding steps (golden.decode; 0: a prefill golden) on the fp32
     reference's greedy tokens: `decode_plan` when given (the fp32 golden's: `plan_from`), else made here, for a
@@ -337,7 +348,7 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
             with load_reference(model, "fp32", attn, device_map, offload_folder) as ref32:
                 decode_plan = _plan(ref32, prompt, model, decode_steps)
         with load_reference(model, dtype, attn, device_map, offload_folder) as ref:
-            return _record(ref, model, prompt, dtype, attn, out, progress, decode_steps, decode_plan)
+            return _record(ref, model, prompt, dtype, attn, out, progress, sample_above, decode_steps, decode_plan)
 
 
 def plan_from(folder: str | Path) -> Plan:
@@ -356,11 +367,11 @@ def _plan(ref: Reference, prompt: str, model: str, steps: int) -> Plan:
 
 
 def _record(ref: Reference, model: str, prompt: str, dtype: str, attn: str, out: str | Path, progress: bool,
-            decode_steps: int, plan: Plan | None) -> Path:
+            sample_above: int, decode_steps: int, plan: Plan | None) -> Path:
     """The recording itself, on a loaded reference: the prefill's stages, then the decode steps."""
     tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
     check_prompt(tokens, ref.config.max_seq_len, new_tokens=decode_steps, model=model)
-    tensors = capture(ref.hf_model, tokens, attn, progress=progress)
+    tensors = capture(ref.hf_model, tokens, attn, progress=progress, sample_above=sample_above)
     manifest = {
         "model": {"name": model, "config": ref.config.to_dict(), "weights_sha256": ref.weights_sha256,
                   "source": ref.source},
@@ -386,6 +397,9 @@ def _record(ref: Reference, model: str, prompt: str, dtype: str, attn: str, out:
 WALKTHROUGH_PROMPT = "the answer to the ultimate question of life, the universe, and everything is "
 SHORT_PROMPT = "The capital of France is"
 PANGRAM_PROMPT = "The quick brown fox jumps over the lazy dog."  # 11 tokens with BOS: not the walk-through's 17
+# 8,361 tokens with BOS: longer than Llama 3.1's original context (8,192), where its rope scaling shows in attention.
+LONG_PROMPT = " ".join(f"Line {i}: the answer to the ultimate question of life, the universe, and everything is "
+                       f"{i % 97}." for i in range(380))
 DATA_DIR = Path(__file__).parent / "data"
 # name -> (model, prompt, dtype); all eager. Regenerate with `python -m golden record-baselines`.
 # tiny, tiny-varied, tiny-scaled and tiny-tied are the main job's default set (golden.check.DEFAULT_SET).
@@ -398,17 +412,25 @@ BASELINES: dict[str, tuple[str, str, str]] = {
     "tiny-scaled/bf16": ("tiny-scaled", WALKTHROUGH_PROMPT, "bf16"),
     "tiny-tied/fp32": ("tiny-tied", SHORT_PROMPT, "fp32"),
     "tiny-tied/bf16": ("tiny-tied", SHORT_PROMPT, "bf16"),
+    # The long-context golden: fp32 only (within 5 MB), every stage sampled by position (golden.sampling).
+    "tiny-long/fp32": ("tiny-long", LONG_PROMPT, "fp32"),
     "smollm2-135m/fp32": ("smollm2-135m", SHORT_PROMPT, "fp32"),
     "smollm2-135m/bf16": ("smollm2-135m", SHORT_PROMPT, "bf16"),
 }
+
+
+# Baselines without decode steps: the long-context golden (its 5 MB hold the sampled prompt; a decode step's scores
+# and probs span every position, and decoding is checked on the default set and SmolLM2).
+NO_DECODE = frozenset({"tiny-long/fp32"})
 
 
 def record_baselines(out: str | Path = DATA_DIR, names: list[str] | None = None,
                      progress: bool = True) -> list[Path]:
     """(Re-)record the committed baselines into `out`/<name>; returns their folders.
 
-    Each with golden.decode.DEFAULT_STEPS decode steps; a bf16 baseline feeds the tokens of the fp32 baseline of its
-    model and prompt recorded in this run (or, recorded alone, of the fp32 reference, loaded for the purpose)."""
+    Each with golden.decode.DEFAULT_STEPS decode steps (but those in NO_DECODE); a bf16 baseline feeds the tokens of
+    the fp32 baseline of its model and prompt recorded in this run (or, recorded alone, of the fp32 reference, loaded
+    for the purpose)."""
     unknown = sorted(set(names or ()) - set(BASELINES))
     if unknown:
         raise Llama3GoldenError(f"unknown baseline {unknown[0]!r}; known: {', '.join(BASELINES)}")
@@ -418,9 +440,10 @@ def record_baselines(out: str | Path = DATA_DIR, names: list[str] | None = None,
     plans: dict[tuple[str, str], Plan] = {}
     folders = []
     for name, (model, prompt, dtype) in chosen:
+        steps = 0 if name in NO_DECODE else DEFAULT_STEPS
         folder = record(model, prompt, dtype, "eager", out=Path(out) / name, progress=progress,
-                        decode_steps=DEFAULT_STEPS, decode_plan=plans.get((model, prompt)))
-        if dtype == "fp32":
+                        decode_steps=steps, decode_plan=plans.get((model, prompt)) if steps else None)
+        if dtype == "fp32" and steps:
             plans[model, prompt] = plan_of(load_golden(folder))
         folders.append(folder)
     return folders

@@ -48,10 +48,19 @@ def describe(r: cmp.StageResult, first_position: int = 0) -> str:
         head = f"{r.key}: {describe_scale_bias(sb)}; {size}"
     return (f"{head}, max-abs {sci(m.max_abs)}, "
             f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
-            + (f", worst at {label_index(r.stage, worst)}: impl {m.worst_actual:.6g} vs golden "
+            + (f", worst at {label_index(r.stage, worst)}{_part(m)}: impl {m.worst_actual:.6g} vs golden "
                f"{m.worst_expected:.6g}" if m.worst_index else "")
             + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
             + (f" ({r.note})" if r.note else ""))
+
+
+def _part(m: cmp.Metrics) -> str:
+    """Which part of a sampled stage (golden.sampling) the worst element is in: ' (logsumexp of the row)'."""
+    if not m.part:
+        return ""
+    if m.part == "argmax":
+        return " (the golden's argmax key: impl's probability there vs impl's row max)"
+    return " (sampled row)" if m.part == "rows" else f" ({m.part} of the row)"
 
 
 def describe_scale_bias(sb: cmp.ScaleBias) -> str:

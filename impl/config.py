@@ -311,6 +311,12 @@ PRESETS: dict[str, ModelConfig] = {
                                norm_eps=1e-5, rope_theta=500000.0, max_seq_len=256,
                                rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                                         original_max_position_embeddings=64)),
+    # Llama 3.1's real scaling constants (factor 8, low 1, high 4, original context 8192) for a prompt longer than
+    # the original context (its golden: more than 8,192 tokens, every stage sampled by position, golden.sampling).
+    # head_dim 16 and theta 500000 put a frequency in each band: wavelengths 6.3 .. 872 (< 2048: kept), 4,443
+    # (blended), 23,000+ (> 8192: divided by 8). Two heads sharing one kv head keep its golden within 5 MB.
+    "tiny-long": ModelConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, vocab_size=128256, hidden_dim=96,
+                             norm_eps=1e-5, rope_theta=500000.0, max_seq_len=16384, rope_scaling=RopeScaling()),
     # Llama 3 core with none of the 8B's literal constants, so a walk-through port that hard-codes one fails:
     # GQA group 3 (not 4), theta 10000 (not 500000), eps 1e-6 (not 1e-5), a vocabulary padded to 128512 (the
     # same Llama 3 tokenizer; not 128256), and (in its golden) a prompt that is not 17 tokens long.

@@ -23,7 +23,7 @@ from impl.formats.hf import load_hf
 from impl.formats.meta import load_meta, meta_folder
 from impl.layout import Checkpoint, Weights, cut_layers, expected_shapes
 
-RANDOM_PRESETS = ("tiny", "tiny-scaled", "tiny-varied", "tiny-tied")
+RANDOM_PRESETS = ("tiny", "tiny-scaled", "tiny-varied", "tiny-tied", "tiny-long")
 TOKENIZER_ASSET = "llama3-tokenizer"  # the tokenizer that goes with the random presets
 
 

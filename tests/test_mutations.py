@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from impl import model
+from impl.config import RopeScaling
 from tests.alternatives import _hf_rows
 
 
@@ -45,6 +46,12 @@ def _rope_scaling_with(**changes):
         return _ORIG["scale_rope_frequencies"](freqs, dataclasses.replace(s, **changes))
 
     return scale
+
+
+def _rope_scaling_meta_constants(freqs, s):
+    """Meta's apply_scaling constants (factor 8, low 1, high 4, original context 8192) written as literals, whatever
+    the model's config says (a port of Meta's llama/model.py)."""
+    return _ORIG["scale_rope_frequencies"](freqs, RopeScaling())
 
 
 def _rope_frequencies_theta_10000(config):
@@ -129,6 +136,9 @@ MUTATIONS = {
     "rope-scaling-original-context-32": ("scale_rope_frequencies",
                                          _rope_scaling_with(original_max_position_embeddings=32), "tiny-scaled",
                                          "rope_cos", BOTH),
+    # tiny-scaled's original context is 64: Meta's 8192 keeps all but the slowest frequencies out of the scaling.
+    "rope-scaling-meta-constants": ("scale_rope_frequencies", _rope_scaling_meta_constants, "tiny-scaled",
+                                    "rope_cos", BOTH),
     "rmsnorm-in-bf16": ("rms_norm", _rms_norm_in_bf16, "tiny", "layers.0.attn_norm", FP32),
     "rope-wrong-pairing": (None, _hf_rows, "tiny", "layers.0.q", BOTH),
     "rope-theta-10000": ("rope_frequencies", _rope_frequencies_theta_10000, "tiny", "rope_cos", BOTH),
