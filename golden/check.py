@@ -10,12 +10,18 @@ tokens: int64 (seq,); weights: Meta-named, Meta-layout tensors in the dtype unde
 config: impl.config.ModelConfig; trace(name, tensor): call it for every stage you compute, with
 the names and layouts of impl.stages. impl's own forward is the default.
 
+An implementation that also takes `start_pos` and `cache` follows the decode protocol (README, "Checking
+decoding"): fn(tokens, weights, config, trace, start_pos=0, cache=None) -> (logits, cache). The check calls it
+with the prompt, then once per decode step with the golden's next token and the cache it returned, and compares
+every step's stages (golden.decode); one without them is checked on the prefill and told decode did not run.
+
 A bf16 run is judged against the fp32 golden of the same model and prompt (its "truth"), with the
 reference's own bf16 golden saying how much bf16 error is fair (golden.compare).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -31,6 +37,7 @@ from pathlib import Path
 import torch
 
 from golden import compare as cmp
+from golden.decode import DecodeReport, check_same_plan, check_steps, diff_steps, not_run, plan_of, why_not_run
 from golden.format import MANIFEST, Golden, GoldenError, check_same_model, dtype_name, load_golden
 from golden.sampling import Sampled
 from impl import stages
@@ -59,11 +66,14 @@ class ImplementationError(Llama3GoldenError):
 
 
 # ---------------------------------------------------------------- the implementation
-def impl_forward(tokens: torch.Tensor, weights, config, trace) -> torch.Tensor:
-    """impl's forward in the trace protocol."""
-    from impl.model import forward
+def impl_forward(tokens: torch.Tensor, weights, config, trace, start_pos: int = 0, cache=None):
+    """impl's reference forward in the trace protocol, with a KV cache (the decode protocol): -> (the last
+    position's logits, the cache, grown where the next tokens need room)."""
+    from impl.model import KVCache, forward
 
-    return forward(tokens, weights, config, trace=trace)
+    tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+    cache = KVCache.with_room(cache, config, start_pos + tokens.shape[0], weights["tok_embeddings.weight"].dtype)
+    return forward(tokens, weights, config, trace=trace, start_pos=start_pos, cache=cache, all_logits=False), cache
 
 
 def load_callable(spec: str | None, option: str = "--impl") -> Implementation:
@@ -277,13 +287,13 @@ def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def _normalise(name, tensor, config, seq: int, seen, copy: bool = True) -> torch.Tensor:
+def _normalise(name, tensor, config, seq: int, seen, kv_len: int | None = None, copy: bool = True) -> torch.Tensor:
     """One reported stage as the golden holds it: a known stage of this model, reported once, no batch dim of 1,
-    logits of the last position."""
+    logits of the last position. seq: the call's new positions; kv_len: every key it attends to (a decode step)."""
     if not isinstance(name, str):
         raise ImplementationError(f"reported a stage named {name!r}: stage names are strings like 'layers.0.q'")
     try:
-        layer, _ = stages.parse(name)
+        layer, stage = stages.parse(name)
     except KeyError:
         raise ImplementationError(f"reported an unknown stage {name[:80]!r} (the names: impl/stages.py)") from None
     if layer is not None and layer >= config.n_layers:
@@ -294,7 +304,7 @@ def _normalise(name, tensor, config, seq: int, seen, copy: bool = True) -> torch
                                   f"stacks its heads and reports them in one call, e.g. trace(name, "
                                   f"torch.stack(heads, dim=1)) for (seq, h, d), dim=0 for scores/probs (h, seq, seq)")
     t = _as_stage_tensor(name, tensor)
-    expected = stages.expected_shape(name, config, seq)
+    expected = stages.step_shape(stage, config, seq, seq if kv_len is None else kv_len)
     if tuple(t.shape) == (1, *expected):  # a batch of one
         t = t[0]
     if name in (stages.LOGITS, stages.LOGPROBS_LAST) and tuple(t.shape[-2:]) == (seq, *expected):
@@ -307,6 +317,87 @@ def _weight_digests(weights) -> dict[str, str]:
     for name, t in weights.items():
         out[name] = hashlib.sha256(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
     return out
+
+
+@contextlib.contextmanager
+def _weights_for(weights) -> Iterator[dict[str, torch.Tensor]]:
+    """The weights an implementation gets: copies, or above COPY_LIMIT_BYTES the weights themselves with their
+    digests checked when it is done (ImplementationError if it wrote into them)."""
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
+    yield dict(weights) if digests is not None else {k: v.clone() for k, v in weights.items()}
+    if digests is not None:
+        changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
+        if changed:
+            raise ImplementationError(f"the implementation wrote into the weights it was given ({changed[0]}"
+                                      + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
+                                      + "): weights are read-only inputs, copy before modifying")
+
+
+def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len: int | None = None,
+                 cached: dict | None = None, context: str = "", prefix: str = "", before: tuple[str, ...] = (),
+                 on_stage: Callable[[str, torch.Tensor], None] | None = None
+                 ) -> tuple[dict[str, torch.Tensor | None], object]:
+    """One call of fn under the trace protocol: (the stages it reported, what it returned).
+
+    on_stage(name, tensor): each stage as it is traced (the checker's `Stream`), kept nowhere else (the stages
+    returned are then None). cached: the decode protocol's keywords (start_pos, cache), passed as given; context:
+    where in a decode run the call is ('decode step 2 at position 18'), said in every error. An error carries the
+    golden keys of the stage it is about (`stage`) and of those traced before it in the run (`traced`): a decode
+    step's are `prefix` + key ('decode.2.'), after the keys traced in the calls `before` it.
+    """
+    seen: dict[str, torch.Tensor | None] = {}
+    errors: list[ImplementationError] = []
+    ours: list[BaseException] = []  # raised by on_stage (the checker), not by the user's code
+    seq = len(tokens)
+    during = f" (in {context})" if context else ""
+
+    def trace(name, tensor) -> None:
+        if errors:
+            raise errors[0]
+        try:
+            t = _normalise(name, tensor, config, seq, seen, kv_len, copy=on_stage is None)
+        except ImplementationError as e:
+            if context:
+                e = ImplementationError(f"{e}{during}")
+            e.stage = prefix + name if isinstance(name, str) else None
+            errors.append(e)
+            raise e from None
+        seen[name] = t if on_stage is None else None
+        if on_stage is not None:
+            try:
+                on_stage(name, t)
+            except Exception as e:
+                ours.append(e)
+                raise
+
+    try:
+        with torch.inference_mode():
+            result = fn(torch.tensor(tokens, dtype=torch.long), given, config, trace, **(cached or {}))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
+        if errors and e is errors[0]:
+            raise _traced(errors[0], seen, prefix, before) from None
+        if ours:
+            raise ours[0] from None
+        last = next(reversed(seen), None) if seen else None
+        what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
+                else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
+        raise _traced(ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
+                                          f"({context + ', ' if context else ''}last stage traced: {last or 'none'})"),
+                      seen, prefix, before) from None
+    if errors:  # a bad trace call the user's code caught and went on from
+        raise _traced(errors[0], seen, prefix, before)
+    if ours:
+        raise ours[0]
+    return seen, result
+
+
+def _traced(e: ImplementationError, seen, prefix: str = "", before: tuple[str, ...] = ()) -> ImplementationError:
+    """e, with the golden keys traced before it (`traced`): where a crash happened, for pytest --impl."""
+    e.traced = before + tuple(prefix + k for k in seen)
+    return e
 
 
 def run_implementation(fn: Implementation, tokens: list[int], weights, config,
@@ -323,57 +414,53 @@ def run_implementation(fn: Implementation, tokens: list[int], weights, config,
     checked afterwards), so writing into them changes nothing for later checks; a bad trace call is an
     error even if the user's code catches it.
     """
-    seen: dict[str, torch.Tensor | None] = {}
-    errors: list[ImplementationError] = []
-    ours: list[BaseException] = []  # raised by on_stage (the checker), not by the user's code
-    seq = len(tokens)
-
-    def trace(name, tensor) -> None:
-        if errors:
-            raise errors[0]
-        try:
-            t = _normalise(name, tensor, config, seq, seen, copy=on_stage is None)
-        except ImplementationError as e:
-            e.stage = name if isinstance(name, str) else None
-            errors.append(e)
-            raise
-        seen[name] = t if on_stage is None else None
-        if on_stage is not None:
-            try:
-                on_stage(name, t)
-            except Exception as e:
-                ours.append(e)
-                raise
-
-    size = sum(t.numel() * t.element_size() for t in weights.values())
-    digests = _weight_digests(weights) if size > COPY_LIMIT_BYTES else None
-    given = dict(weights) if digests is not None else {k: v.clone() for k, v in weights.items()}
-    try:
-        with torch.inference_mode():
-            fn(torch.tensor(tokens, dtype=torch.long), given, config, trace)
-    except KeyboardInterrupt:
-        raise
-    except BaseException as e:  # the user's code failed or tried to end the run: say where, in one line
-        if errors and e is errors[0]:
-            raise _traced(errors[0], seen) from None
-        if ours:
-            raise ours[0] from None
-        last = next(reversed(seen), None) if seen else None
-        what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
-                else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
-        raise _traced(ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
-                                          f"(last stage traced: {last or 'none'})"), seen) from None
-    if errors:  # a bad trace call the user's code caught and went on from
-        raise _traced(errors[0], seen)
-    if ours:
-        raise ours[0]
-    if digests is not None:
-        changed = [k for k, d in _weight_digests(weights).items() if d != digests[k]]
-        if changed:
-            raise ImplementationError(f"the implementation wrote into the weights it was given ({changed[0]}"
-                                      + (f" and {len(changed) - 1} more" if len(changed) > 1 else "")
-                                      + "): weights are read-only inputs, copy before modifying")
+    with _weights_for(weights) as given:
+        seen, _ = _traced_call(fn, tokens, given, config, on_stage=on_stage)
     return seen
+
+
+# ---------------------------------------------------------------- the decode protocol
+def takes_cache(fn: Implementation) -> bool:
+    """True if fn follows the decode protocol: it takes `start_pos` and `cache` (README, "Checking decoding")."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature: prefill only
+        return False
+    return "start_pos" in params and "cache" in params
+
+
+def run_decode(fn: Implementation, golden: Golden, weights, config,
+               on_prefill_stage: Callable[[str, torch.Tensor], None] | None = None
+               ) -> tuple[dict[str, torch.Tensor | None], list[dict[str, torch.Tensor]]]:
+    """The decode protocol: fn(prompt, ..., start_pos=0, cache=None) -> (logits, cache), then per step
+    fn([token], ..., start_pos=position, cache=cache) with the cache it returned; the stages of the prefill (to
+    on_prefill_stage as they come, as run_implementation's on_stage) and of each step. The tokens fed are the
+    golden's (golden.decode: the fp32 reference's greedy tokens)."""
+    plan = plan_of(golden)
+    with _weights_for(weights) as given:
+        prefill, result = _traced_call(fn, golden.tokens, given, config, cached={"start_pos": 0, "cache": None},
+                                       context="the prefill of a decode run", on_stage=on_prefill_stage)
+        steps, traced = [], tuple(prefill)
+        for step in range(1, plan.steps + 1):
+            cache = _returned_cache(result, "the prefill" if step == 1 else f"decode step {step - 1}")
+            position = plan.position(step)
+            prefix = stages.decode_key(step, "")
+            seen, result = _traced_call(fn, [plan.greedy[step - 1]], given, config, kv_len=position + 1,
+                                        cached={"start_pos": position, "cache": cache}, prefix=prefix, before=traced,
+                                        context=f"decode step {step} at position {position}")
+            steps.append(seen)
+            traced += tuple(prefix + k for k in seen)
+        _returned_cache(result, f"decode step {plan.steps}")
+    return prefill, steps
+
+
+def _returned_cache(result, where: str):
+    """The cache of a (logits, cache) result, or ImplementationError saying what the call returned instead."""
+    if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, (tuple, list)) else "")
+        raise ImplementationError(f"{where}: a cached implementation (it takes start_pos and cache) returns "
+                                  f"(logits, cache), not a {got}")
+    return result[1]
 
 
 class Stream:
@@ -434,11 +521,6 @@ class Stream:
         return out
 
 
-def _traced(e: ImplementationError, seen) -> ImplementationError:
-    e.traced = tuple(seen)
-    return e
-
-
 def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
                  qk_layout: str = "meta") -> cmp.Report:
     """Run fn on the golden's tokens and compare every stage with the fp32 truth as it is traced (`Stream`).
@@ -447,11 +529,20 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
     report make the verdict INCOMPLETE, or PARTIAL when `partial`. qk_layout "hf": fn reports q, k, q_rope and
     k_rope in transformers' rotate-half layout; they are put in Meta's order before the comparison.
     """
-    if qk_layout not in QK_LAYOUTS:
-        raise ImplementationError(f"--qk-layout {qk_layout!r}: expected one of {', '.join(QK_LAYOUTS)}")
-    stream = Stream(truth.tensors, golden.dtype, golden.tensors if golden.dtype == "bf16" else None,
-                    config if qk_layout == "hf" else None)
+    _check_layout(qk_layout)
+    stream = _stream(golden, truth, config, qk_layout)
     run_implementation(fn, golden.tokens, weights, config, on_stage=stream)
+    return _prefill_report(stream, truth, config, weights, partial, qk_layout)
+
+
+def _stream(golden: Golden, truth: Golden, config, qk_layout: str) -> Stream:
+    return Stream(truth.tensors, golden.dtype, golden.tensors if golden.dtype == "bf16" else None,
+                  config if qk_layout == "hf" else None)
+
+
+def _prefill_report(stream: Stream, truth: Golden, config, weights, partial: bool, qk_layout: str) -> cmp.Report:
+    """The Report of a streamed prefill, its first failure diagnosed (and, for a q or k, whether the other q/k
+    layout explains it)."""
     report = stream.report(partial)
     first = report.first_failure
     if first is not None:  # say why, not only where (golden.diagnose): the first failing stage only
@@ -463,6 +554,24 @@ def check_golden(fn: Implementation, golden: Golden, truth: Golden, config, weig
         if hint:
             report.hints.append(hint)
     return report
+
+
+def check_with_decode(fn: Implementation, golden: Golden, truth: Golden, config, weights, partial: bool = False,
+                      qk_layout: str = "meta") -> tuple[cmp.Report, DecodeReport]:
+    """The prefill check and, where the golden holds decode steps and fn takes a cache, the decode steps' (one run:
+    the prefill that fills the cache is the one checked). A prefill-only fn gets DecodeReport.not_run, never a
+    failure."""
+    why_not = why_not_run(takes_cache(fn), golden)
+    if why_not:
+        return check_golden(fn, golden, truth, config, weights, partial, qk_layout), not_run(why_not, golden)
+    _check_layout(qk_layout)
+    check_same_plan(golden, truth)
+    stream = _stream(golden, truth, config, qk_layout)
+    _, steps = run_decode(fn, golden, weights, config, on_prefill_stage=stream)
+    if qk_layout == "hf":
+        steps = [to_meta_layout(s, config) for s in steps]
+    return (_prefill_report(stream, truth, config, weights, partial, qk_layout),
+            check_steps(steps, golden, truth, config, weights, partial))
 
 
 # ---------------------------------------------------------------- the q/k layout (--qk-layout)
@@ -509,6 +618,11 @@ def layout_hint(report: cmp.Report, reported, golden, qk_layout: str) -> str:
                 f"pairs (j, j + d/2) are put in Meta's order (2j, 2j + 1))")
     return (f"q matches the golden in Meta's interleaved layout as reported: drop --qk-layout hf ({where} match "
             f"without conversion)")
+
+
+def _check_layout(qk_layout: str) -> None:
+    if qk_layout not in QK_LAYOUTS:
+        raise ImplementationError(f"--qk-layout {qk_layout!r}: expected one of {', '.join(QK_LAYOUTS)}")
 
 
 def diagnosis_limit(first: cmp.StageResult) -> float:
@@ -587,6 +701,12 @@ class Outcome:
     tokenizer: object = None  # a loaded impl.tokenizer.Tokenizer, for showing the next token as text
     prompt_check: str = ""  # 'tokenizes to ...' or 'not re-tokenized: why'
     impl: str = "impl"  # the implementation checked, as the user named it (--impl), for titles
+    decode: DecodeReport | None = None  # the decode steps' check (its own verdict), or why none ran
+
+    @property
+    def passed(self) -> bool:
+        """The prefill passed (or a --partial one) and the decode passed or had nothing to run: exit 0."""
+        return self.report.passed and (self.decode is None or self.decode.passed)
 
 
 def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple[str, ...] = ("fp32", "bf16"),
@@ -622,8 +742,8 @@ def check(path: str | Path | None = None, impl: str | None = None, dtypes: tuple
             tokenizers[key] = load_tokenizer_offline(ckpt.tokenizer)
         tok, why_not = tokenizers[key]
         prompt_check = verify_prompt(g, tok, why_not)
-        report = check_golden(fn, g, truth, ckpt.config, weights, partial, qk_layout)
-        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl"))
+        report, decode = check_with_decode(fn, g, truth, ckpt.config, weights, partial, qk_layout)
+        outcomes.append(Outcome(g, report, tok, prompt_check, impl or "impl", decode))
     if not outcomes:
         raise GoldenError(f"{path}: no golden of dtype {', '.join(dtypes)} there")
     return outcomes
@@ -654,6 +774,11 @@ class Diff:
     b: Golden  # compared against a
     report: cmp.Report
     prompt_check: str = ""
+    decode: DecodeReport | None = None  # the decode steps, b against a
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed and (self.decode is None or self.decode.passed)
 
 
 def tokenizer_of(model_name: str):
@@ -673,4 +798,4 @@ def diff(a: str | Path, b: str | Path) -> Diff:
     tok, why_not = load_tokenizer_offline(tokenizer_of(ga.model_name))
     verify_prompt(ga, tok, why_not)
     prompt_check = verify_prompt(gb, tok, why_not)
-    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check)
+    return Diff(ga, gb, diff_goldens(ga, gb), prompt_check, diff_steps(ga, gb))

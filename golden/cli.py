@@ -44,12 +44,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
     _check_outputs(args)
     d = check.diff(args.a, args.b)
-    print(report.format_diff(d.report, d.a.path, d.b.path, d.prompt_check))
+    print(report.format_diff(d.report, d.a.path, d.b.path, d.prompt_check, d.decode))
     if args.json:
-        report.write_json(report.diff_json(d.report, d.a.path, d.b.path), args.json)
+        report.write_json(report.diff_json(d.report, d.a.path, d.b.path, d.decode), args.json)
     if args.plot:
         report.plot_diff(d.report, d.a.path, d.b.path, args.plot)
-    return 0 if d.report.passed else 1
+    return 0 if d.passed else 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -67,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         report.write_json(report.check_json(outcomes), args.json)
     if args.plot:
         report.plot_check(outcomes, args.plot)
-    return 0 if all(o.report.passed for o in outcomes) else 1
+    return 0 if all(o.passed for o in outcomes) else 1
 
 
 def cmd_check_tokenizer(args: argparse.Namespace) -> int:
@@ -101,13 +101,15 @@ def _device_map(value: str | None):
 
 
 def cmd_record(args: argparse.Namespace) -> int:
-    from golden.record import record
+    from golden.record import plan_from, record
 
     device_map = _device_map(args.device_map)
     if args.offload_folder:
         _check_folder(args.offload_folder, "--offload-folder")
+    plan = plan_from(args.decode_from) if args.decode_from else None
     out = record(args.model, args.prompt, args.dtype, args.attn, out=args.out, device_map=device_map,
-                 offload_folder=args.offload_folder, progress=not args.quiet)
+                 offload_folder=args.offload_folder, progress=not args.quiet, decode_steps=args.decode_steps,
+                 decode_plan=plan)
     print(f"wrote {out} ({_size(out) / 1e6:.2f} MB)")
     return 0
 
@@ -139,6 +141,7 @@ def cmd_record_baselines(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    from golden.decode import DEFAULT_STEPS
     from golden.record import ATTN_IMPLEMENTATIONS, BASELINES, DATA_DIR
 
     p = OneLineParser(prog="python -m golden", description=__doc__.splitlines()[0])
@@ -153,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="the golden folder to write (replaced if it is a golden)")
     r.add_argument("--device-map", help="passed to from_pretrained: 'auto', 'cpu', or a JSON object")
     r.add_argument("--offload-folder", help="passed to from_pretrained, for models larger than memory")
+    r.add_argument("--decode-steps", type=int, default=DEFAULT_STEPS, metavar="N",
+                   help=f"KV-cache decoding steps after the prompt, greedy (default {DEFAULT_STEPS}; 0: none)")
+    r.add_argument("--decode-from", metavar="FP32_GOLDEN",
+                   help="bf16: feed the decode tokens of this fp32 golden (default: load the model in fp32 too)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_record)
 

@@ -393,10 +393,11 @@ def _walk(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tenso
     return assemble(list(expected), judged, judge.dtype, actual)
 
 
-def judge_for(expected: Mapping[str, object], dtype: str = "fp32", reference: Mapping[str, object] | None = None
-              ) -> Judge:
+def judge_for(expected: Mapping[str, object], dtype: str = "fp32", reference: Mapping[str, object] | None = None,
+              decode_step: bool = False) -> Judge:
     """The judge of a check: the fp32 bound, or in bf16 factor x the reference's own error (+ floor) and the
-    scale-bias rule at the RMSNorm outputs (golden.tolerances)."""
+    scale-bias rule at the RMSNorm outputs (golden.tolerances); a decode step's (one row per stage): the decode
+    factors and no scale-bias rule."""
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"dtype must be fp32 or bf16, not {dtype!r}")
     if dtype == "bf16" and reference is None:
@@ -410,11 +411,12 @@ def judge_for(expected: Mapping[str, object], dtype: str = "fp32", reference: Ma
         if ref is None or isinstance(exp, sampling.Sampled):
             return tol.bf16_floor, None  # a sampled stage's bound is per part (Judge._sampled)
         ref_m = stage_metrics(ref, exp)
-        return tol.bf16_factor * ref_m.rel + tol.bf16_floor, ref_m
+        factor = tolerances.decode_bf16_factor(stage) if decode_step else tol.bf16_factor
+        return factor * ref_m.rel + tol.bf16_floor, ref_m
 
     def bias_for(key: str, stage: str, actual: torch.Tensor) -> ScaleBias | None:
         limit = tolerances.tolerance(stage).bf16_scale_bias
-        if dtype != "bf16" or limit is None or key not in reference:
+        if dtype != "bf16" or limit is None or key not in reference or decode_step:
             return None
         exp, ref = expected[key], reference[key]
         if isinstance(exp, sampling.Sampled):  # the sampled positions' rows
@@ -425,7 +427,8 @@ def judge_for(expected: Mapping[str, object], dtype: str = "fp32", reference: Ma
 
 
 def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor], dtype: str = "fp32",
-            reference: Mapping[str, torch.Tensor] | None = None, partial: bool = False) -> Report:
+            reference: Mapping[str, torch.Tensor] | None = None, partial: bool = False,
+            decode_step: bool = False) -> Report:
     """Check `actual` against the fp32 golden `expected`, every stage the golden holds.
 
     dtype "fp32": relative error within the fp32 bound. dtype "bf16": `reference` is the
@@ -433,8 +436,10 @@ def compare(expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Ten
     the fp32 golden may be at most factor x the reference's own error (+ floor), and at the RMSNorm
     outputs its scale bias at most `bf16_scale_bias` x what rounding allows (golden.tolerances).
     A sampled stage (golden.sampling) is judged part by part: its sampled rows and each summary of every row.
+    decode_step: the tensors are one decode step's, one position each (golden.decode): bf16 uses the decode
+    factors of golden.tolerances and no scale-bias rule (it needs many rows).
     """
-    judge = judge_for(expected, dtype, reference)
+    judge = judge_for(expected, dtype, reference, decode_step)
     report = _walk(expected, actual, judge)
     report.partial = partial
     if "logits" in expected and "logits" in actual:

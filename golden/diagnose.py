@@ -157,6 +157,24 @@ class Ctx:
     def reported_here(self, stage: str) -> bool:
         return self.key(stage) in self.reported
 
+    @property
+    def step(self) -> int:
+        """The decode step this stage belongs to (golden.decode), 0 for the prefill."""
+        return int(self.prefix.split(".")[1]) if self.prefix else 0
+
+    def past(self, stage: str) -> torch.Tensor:
+        """A decode step's per-position stage (k_rope, v, k) at every earlier position [0, start_pos): the prefill's
+        rows, then each earlier step's; (start_pos, kv, d), fp32. Empty for the prefill."""
+        if not self.prefix:
+            return self.g(stage)[:0]
+        here = stages.key(stage, self.layer)
+        return torch.cat([self._plain(k) for k in [here] + [stages.decode_key(j, here) for j in range(1, self.step)]])
+
+    def _plain(self, k: str) -> torch.Tensor:
+        if k not in self.golden:
+            raise Missing(k)
+        return self.golden[k].float()
+
 
 Prediction = Iterator[tuple[str, torch.Tensor]]  # (variant, predicted tensor of ctx.stage)
 
@@ -247,8 +265,14 @@ def _rope_theta(ctx: Ctx) -> Prediction:
 def _rope_offset(ctx: Ctx) -> Prediction:
     freqs = model.rope_frequencies(ctx.config)
     for shift in (1, -1):
-        yield f"positions start at {ctx.start_pos + shift}", _rope_stage(
-            ctx, _cis(freqs, ctx.seq, ctx.start_pos + shift))
+        yield _positions_as(ctx, ctx.start_pos + shift), _rope_stage(ctx, _cis(freqs, ctx.seq, ctx.start_pos + shift))
+
+
+def _positions_as(ctx: Ctx, start: int) -> str:
+    """'positions start at 1', or in a decode step 'position 17 rotated as position 0'."""
+    if ctx.prefix and ctx.seq == 1:
+        return f"position {ctx.start_pos} rotated as position {start}"
+    return f"positions start at {start}"
 
 
 @_hyp("rope.decode_from_zero", "in decode, RoPE positions start from a fixed 0 instead of the token's position",
@@ -256,7 +280,8 @@ def _rope_offset(ctx: Ctx) -> Prediction:
       _ROPE_TABLES + _ROPED, "config; q, k; a golden with start_pos > 0", _ATTN_CHAIN)
 def _rope_from_zero(ctx: Ctx) -> Prediction:
     if ctx.start_pos > 0:
-        yield "positions from 0", _rope_stage(ctx, _cis(model.rope_frequencies(ctx.config), ctx.seq, 0))
+        yield _positions_as(ctx, 0) if ctx.prefix else "positions from 0", _rope_stage(
+            ctx, _cis(model.rope_frequencies(ctx.config), ctx.seq, 0))
 
 
 @_hyp("rope.scaling_missing", "Llama 3.1 rope scaling not applied (a Llama 3 port on a Llama 3.1 model)",
@@ -394,17 +419,28 @@ def _rope_bf16(ctx: Ctx) -> Prediction:
 def _attend(ctx: Ctx, q: torch.Tensor | None = None, k: torch.Tensor | None = None, *, scale: float | None = None,
             start: int | None = None, mask: Callable[[torch.Tensor], torch.Tensor] | None = None,
             kv_idx: torch.Tensor | None = None, softmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            scores: torch.Tensor | None = None, heads_flat: Callable[[torch.Tensor], torch.Tensor] | None = None
+            scores: torch.Tensor | None = None, heads_flat: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            cached: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
             ) -> torch.Tensor:
     """ctx.stage (scores, probs, attn_heads or attn_out) with impl's attention functions, some convention swapped.
 
-    q, k default to the golden's q_rope and k_rope; `scores` given skips to the softmax (the golden's scores).
+    q, k default to the golden's q_rope and k_rope; `scores` given skips to the softmax (the golden's scores). In a
+    decode step the keys and values of every earlier position (the golden's: `Ctx.past`) come before the new
+    position's, as a correct cache holds them; `cached(keys, values)` -> what a wrong cache hands the attention.
     """
     c = ctx.config
     idx = model.kv_head_of(c.n_heads, c.n_kv_heads) if kv_idx is None else kv_idx
+    def values() -> torch.Tensor:  # (kv_len, kv, d)
+        return torch.cat([ctx.past(V), ctx.g(V)]) if ctx.prefix else ctx.g(V)
+
+    v = None
     if scores is None:
         q = ctx.g(Q_ROPE) if q is None else q
         k = ctx.g(K_ROPE) if k is None else k
+        if ctx.prefix:
+            k = torch.cat([ctx.past(K_ROPE), k])
+        if cached is not None:
+            k, v = cached(k, values())
         if scale is not None:
             q = q * (math.sqrt(q.shape[-1]) / scale)
         s = model.attention_scores(q, k[:, idx], ctx.start_pos if start is None else start)
@@ -417,7 +453,7 @@ def _attend(ctx: Ctx, q: torch.Tensor | None = None, k: torch.Tensor | None = No
     probs = (softmax or model.attention_probs)(s)
     if ctx.stage == PROBS:
         return probs
-    v = ctx.g(V)
+    v = values() if v is None else v
     heads = torch.einsum("hqk,khd->qhd", probs, v[:, idx])
     if ctx.stage == ATTN_HEADS:
         return heads
@@ -462,6 +498,81 @@ def _scale_d(ctx: Ctx) -> Prediction:
 def _mask_offset(ctx: Ctx) -> Prediction:
     yield "each query sees one key ahead", _attend(ctx, start=ctx.start_pos + 1)
     yield "each query's own key masked (diagonal=0)", _attend(ctx, start=ctx.start_pos - 1)
+
+
+@_hyp("attention.mask_from_zero", "in decode, the causal mask built as if the queries started at position 0 "
+      "(start_pos ignored): a new token sees only the first keys", "mask key j for the query at position "
+      "start_pos + i where j > start_pos + i: causal_mask(q_len, kv_len, start_pos)", (SCORES,),
+      "q_rope, k_rope of every position (v, wo downstream); a decode step", _ATTN_CHAIN[1:])
+def _mask_from_zero(ctx: Ctx) -> Prediction:
+    if ctx.start_pos > 0:
+        yield f"queries at positions from 0 instead of {ctx.start_pos}", _attend(ctx, start=0)
+
+
+# ---------------------------------------------------------------- the KV cache (decode steps)
+_CACHE_WHY = "q_rope, k_rope and v of every position (wo downstream); a decode step"
+
+
+def _new_slot(ctx: Ctx, write: int | None, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache a step reads when its key and value went to slot `write` (None: nowhere) instead of start_pos,
+    over a cache of zeros: keys and values of positions [0, start_pos] as handed to the attention."""
+    n = ctx.seq
+    k2, v2 = k.clone(), v.clone()
+    new_k, new_v = k[-n:].clone(), v[-n:].clone()
+    k2[-n:], v2[-n:] = 0.0, 0.0
+    if write is not None and 0 <= write and write + n <= k2.shape[0]:
+        k2[write:write + n], v2[write:write + n] = new_k, new_v
+    return k2, v2
+
+
+@_hyp("cache.not_written", "the step's key and value never written into the KV cache: attention reads what the slot "
+      "held before (zeros in a fresh cache)", "write k (after RoPE) and v into the cache at start_pos before "
+      "attending: cache_k[start_pos : start_pos + seq] = k", (SCORES,), _CACHE_WHY, _ATTN_CHAIN[1:])
+def _cache_not_written(ctx: Ctx) -> Prediction:
+    if ctx.prefix:
+        yield f"position {ctx.start_pos}'s key and value missing (zeros)", _attend(
+            ctx, cached=lambda k, v: _new_slot(ctx, None, k, v))
+
+
+@_hyp("cache.wrong_index", "the step's key and value written at another index of the KV cache than start_pos",
+      "write at start_pos (the position of the first new token): cache_k[start_pos : start_pos + seq] = k",
+      (SCORES,), _CACHE_WHY, _ATTN_CHAIN[1:])
+def _cache_wrong_index(ctx: Ctx) -> Prediction:
+    if ctx.prefix:
+        for shift in (-1, 1):
+            yield f"written at {ctx.start_pos + shift} instead of {ctx.start_pos}", _attend(
+                ctx, cached=lambda k, v, w=ctx.start_pos + shift: _new_slot(ctx, w, k, v))
+
+
+def _rotate_cached(ctx: Ctx, k: torch.Tensor, times: int, new_too: bool) -> torch.Tensor:
+    """Keys of positions [0, kv_len) as a cache read that rotates them `times` more (-1: undoes the rotation)."""
+    cis = model.precompute_freqs_cis(ctx.config, k.shape[0], 0)
+    cis = cis if times > 0 else cis.conj()
+    out = k.clone()
+    upto = k.shape[0] if new_too else k.shape[0] - ctx.seq
+    for _ in range(abs(times)):
+        out[:upto] = model.apply_rope(out[:upto], cis[:upto])
+    return out
+
+
+@_hyp("cache.keys_rotated_twice", "keys rotated again when read from the KV cache, which already holds them after "
+      "RoPE", "rotate k once, before writing it to the cache; read the cached keys as they are", (SCORES,),
+      _CACHE_WHY, _ATTN_CHAIN[1:])
+def _cache_keys_twice(ctx: Ctx) -> Prediction:
+    if ctx.prefix:
+        yield "every key rotated again by its position", _attend(
+            ctx, cached=lambda k, v: (_rotate_cached(ctx, k, 1, True), v))
+        yield "the cached keys rotated again, the new one once", _attend(
+            ctx, cached=lambda k, v: (_rotate_cached(ctx, k, 1, False), v))
+
+
+@_hyp("cache.keys_unrotated", "keys cached before RoPE and read without it: the earlier positions' keys unrotated",
+      "cache k after RoPE (or rotate every cached key by its own position when reading)", (SCORES,),
+      _CACHE_WHY, _ATTN_CHAIN[1:])
+def _cache_keys_unrotated(ctx: Ctx) -> Prediction:
+    if ctx.prefix:
+        yield "the cached keys before RoPE, the new one rotated", _attend(
+            ctx, cached=lambda k, v: (_rotate_cached(ctx, k, -1, False), v))
 
 
 def _flip_mask(s: torch.Tensor, start: int, transposed: bool = False, sign: float = 1.0) -> torch.Tensor:

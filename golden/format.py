@@ -84,12 +84,23 @@ def sha256_file(path: Path) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Golden:
-    """A loaded, verified golden. `tensors` is in forward order (the manifest's stage order); a stage of a long
-    prompt is a `golden.sampling.Sampled` (its manifest entry has `rows`), every other a full tensor."""
+    """A loaded, verified golden. `tensors`: the prefill's stages in forward order (the manifest's stage order); a
+    stage of a long prompt is a `golden.sampling.Sampled` (its manifest entry has `rows`), every other a full tensor.
+    `decode_steps`: step s's stages at index s - 1, keyed as the prefill's (`layers.0.k_rope`), where the golden
+    has a decode section (golden.decode), else empty."""
 
     path: Path
     manifest: dict[str, Any]
     tensors: dict[str, torch.Tensor | Sampled]
+    decode_steps: tuple[dict[str, torch.Tensor], ...] = ()
+
+    def stored(self) -> dict[str, torch.Tensor | Sampled]:
+        """Every stage under the key it is stored under (`decode.1.layers.0.k_rope` for a decode step's): what
+        write_golden takes."""
+        out = dict(self.tensors)
+        for step, tensors in enumerate(self.decode_steps, 1):
+            out.update({stages.decode_key(step, k): t for k, t in tensors.items()})
+        return out
 
     @property
     def config(self) -> ModelConfig:
@@ -110,7 +121,8 @@ class Golden:
 
     @property
     def keys(self) -> list[str]:
-        return [s["name"] for s in self.manifest["stages"]]
+        """The prefill's stage keys, in forward order (a decode step's: `decode_steps`)."""
+        return list(self.tensors)
 
     @property
     def model_name(self) -> str:
@@ -490,6 +502,12 @@ def _field_problem(manifest: Mapping[str, Any]) -> str | None:
         unknown = sorted(set(entry) - {"name", "shape", "dtype", "rows"})
         if unknown:
             return f"stages[{i}] ({name}): unknown field {unknown[0]!r}"
+    if manifest.get("decode") is not None:
+        from golden.decode import section_problem  # the decode section's home (imports this module)
+
+        problem = section_problem(manifest["decode"], manifest["model"]["config"], manifest["tokens"])
+        if problem:
+            return f"decode: {problem}"
     if manifest["derived"] != list(ATTN_DERIVED[manifest["attn_implementation"]]):
         return (f"derived: {manifest['derived']} does not go with attention {manifest['attn_implementation']} "
                 f"(which derives {list(ATTN_DERIVED[manifest['attn_implementation']])})")
@@ -498,9 +516,12 @@ def _field_problem(manifest: Mapping[str, Any]) -> str | None:
 
 def _rows_problem(rows: Any, name: str, seq: int) -> str | None:
     try:
-        _, stage = stages.parse(name)
+        step, key = stages.split_step(name)
+        _, stage = stages.parse(key)
     except KeyError:
         return None  # an unknown stage: the stage-set check refuses it
+    if step is not None:
+        return "a decode step holds one position: sampled rows are for a prompt's stages (null expected)"
     return sampling.rows_problem(rows, stage, seq)
 
 
@@ -516,6 +537,7 @@ def _check_writable(folder: Path, manifest: dict[str, Any], tensors: Mapping[str
     _check_stage_set(where, list(tensors), config, len(manifest["tokens"]), _options(manifest))
     if tensors["tokens"].tolist() != manifest["tokens"]:
         raise GoldenError(f"{where}: the tokens tensor does not hold the manifest's tokens")
+    _check_decode_tokens(where, manifest, tensors)
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:
@@ -580,7 +602,7 @@ def _check_stage_set(where: str, names: list[str], config: ModelConfig, seq: int
         raise GoldenError(f"{where}: {e}") from None
     for name in names:
         try:
-            layer, _ = stages.parse(name)
+            layer, _ = stages.parse(stages.split_step(name)[1])
         except KeyError:
             raise GoldenError(f"{where}: unknown stage {name[:60]!r}") from None
         if layer is not None and layer >= config.n_layers:
@@ -591,9 +613,23 @@ def _check_stage_set(where: str, names: list[str], config: ModelConfig, seq: int
     missing = [k for k in expected if k not in set(names)]
     if missing:
         raise GoldenError(f"{where}: holds {len(names)} of the model's {len(expected)} stages; missing "
-                          f"{stages.summarize(missing)}")
+                          f"{stages.summarize(missing, config.n_layers)}")
+    extra = [n for n in names if n not in set(expected)]
+    if extra:
+        raise GoldenError(f"{where}: holds {stages.summarize(extra, config.n_layers)}, which its manifest's "
+                          f"decode section does not have")
     if names != expected:
         raise GoldenError(f"{where}: stages are not in forward order")
+
+
+def _check_decode_tokens(where: str, manifest: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Each decode step's tokens tensor holds the token the decode section says it fed."""
+    section = manifest.get("decode")
+    for step, token in enumerate((section or {}).get("greedy", [])[:-1], 1):
+        t = tensors.get(stages.decode_key(step, stages.TOKENS))
+        if t is not None and (t.dtype != torch.int64 or t.tolist() != [token]):
+            raise GoldenError(f"{where}: decode step {step}'s tokens tensor does not hold the token the decode "
+                              f"section feeds there ({token})")
 
 
 def _check_tokens(where: str, manifest: Mapping[str, Any], config: ModelConfig) -> None:
@@ -633,7 +669,7 @@ def load_golden(folder: str | os.PathLike) -> Golden:
     tensors: dict[str, torch.Tensor] = {}
     for entry in manifest["stages"]:
         name = entry["name"]
-        expected = stages.expected_shape(name, config, seq)
+        expected = stages.expected_shape(name, config, seq, _options(manifest))
         if list(entry["shape"]) != list(expected):
             raise GoldenError(f"{where}: stage {name} has shape {list(entry['shape'])}, "
                               f"the model config gives {list(expected)}")
@@ -641,7 +677,7 @@ def load_golden(folder: str | os.PathLike) -> Golden:
             raise GoldenError(f"{path}: stage {name} is listed in the manifest but not in the file")
         t = stored.pop(name)
         rows = sampling.rows_from_json(entry["rows"]) if entry.get("rows") is not None else None
-        full, stage = tuple(entry["shape"]), stages.parse(name)[1]
+        full, stage = tuple(entry["shape"]), stages.parse(stages.split_step(name)[1])[1]
         shape = list(full) if rows is None else list(sampling.packed_shape(stage, rows, full))
         if list(t.shape) != shape or dtype_name(t.dtype) != entry["dtype"]:
             raise GoldenError(f"{path}: stage {name} is {dtype_name(t.dtype)} {list(t.shape)}, "
@@ -652,7 +688,16 @@ def load_golden(folder: str | os.PathLike) -> Golden:
         raise GoldenError(f"{path}: {len(stored)} tensors not listed in the manifest (e.g. {sorted(stored)[0]})")
     if tensors["tokens"].dtype != torch.int64 or tensors["tokens"].tolist() != manifest["tokens"]:
         raise GoldenError(f"{where}: tokens do not agree with the golden's `tokens` tensor (edited token ids?)")
-    return Golden(folder, manifest, tensors)
+    _check_decode_tokens(where, manifest, tensors)
+    prefill = {k: t for k, t in tensors.items() if stages.split_step(k)[0] is None}
+    steps: list[dict[str, torch.Tensor]] = []
+    for k, t in tensors.items():
+        step, rest = stages.split_step(k)
+        if step is not None:
+            if step > len(steps):
+                steps.append({})
+            steps[step - 1][rest] = t
+    return Golden(folder, manifest, prefill, tuple(steps))
 
 
 def _summaries(path: Path, name: str, rows: sampling.Rows, shape: tuple[int, ...], stored: dict) -> dict:

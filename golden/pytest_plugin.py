@@ -18,8 +18,13 @@ What a run collects:
 - `pytest PATH... --impl X`: the named paths only, as any pytest run; their tests may read `--impl` (this
   repository's benchmarks time X's forward). No checks are added.
 
-More checks of the same implementation plug in as *groups* (e.g. decode steps: `tiny/fp32/decode::step1.
-layers.0.k_rope`): a provider appended to PROVIDERS maps the pytest config to a list of `Group`s (an id, its test
+A golden's decode steps (golden.decode) are tests of its group too, one per step and stage, after the prefill's
+(`tiny/fp32::decode.1.layers.0.k_rope`): the run that checks the prefill with a KV cache goes on through the steps
+(golden.check.check_with_decode), so the implementation still runs once per golden and dtype. A prefill-only
+implementation gets one skipped `decode` test saying so.
+
+More checks of the same implementation plug in as *groups*: a provider appended to PROVIDERS maps the pytest
+config to a list of `Group`s (an id, its test
 names known before anything runs, and `run`, called once per session, which returns a `Result` per name or raises
 `Crash`); they are collected, cached, selected and reported like the stage tests. An option that should turn
 the plugin on by itself goes into ACTIVATING_OPTIONS. Shared loading (the implementation, goldens, models) is
@@ -238,7 +243,7 @@ def prefill_groups(config: pytest.Config) -> list[Group]:
             not_fetched[model] = not_fetched.get(model, False) or named
             continue
         gid = _group_id(folder, dtype, taken)
-        names = tuple(s["name"] for s in manifest["stages"])
+        names = _test_names(manifest, checks)
         groups.append(Group(gid, names, _prefill_run(checks, gid, folder, names), folder))
     for model, named in not_fetched.items():
         why = f"{model}: its model is not fetched here; run `python -m impl fetch {model}` to check its goldens too"
@@ -248,6 +253,21 @@ def prefill_groups(config: pytest.Config) -> list[Group]:
         raise pytest.UsageError(f"--golden-dtype {config.getoption('golden_dtype')}: no golden of that dtype among "
                                 f"{', '.join(str(f) for f, _ in folders)}")
     return groups
+
+
+def _test_names(manifest, checks: Checks) -> tuple[str, ...]:
+    """The golden's prefill stages, then its decode steps' (golden keys: decode.1.layers.0.k_rope) where the
+    implementation takes a KV cache (golden.check.takes_cache); for a prefill-only one, a single `decode` test
+    that says why they did not run."""
+    from golden.check import takes_cache
+    from impl import stages
+
+    names = [s["name"] for s in manifest["stages"]]
+    prefill = tuple(n for n in names if stages.split_step(n)[0] is None)
+    decode = tuple(n for n in names if stages.split_step(n)[0] is not None)
+    if not decode:
+        return prefill
+    return prefill + (decode if takes_cache(checks.implementation()) else ("decode",))
 
 
 def _prefill_run(checks: Checks, gid: str, folder: Path, names: tuple[str, ...]) -> Callable[[], dict[str, Result]]:
@@ -266,8 +286,8 @@ def _prefill_run(checks: Checks, gid: str, folder: Path, names: tuple[str, ...])
                 if truth is None:
                     raise Crash(f"{folder}: a bf16 check needs the fp32 golden of the same model and prompt beside it")
             ckpt, weights = checks.model(golden)
-            report = check.check_golden(fn, golden, truth, ckpt.config, weights, config.getoption("partial"),
-                                        config.getoption("qk_layout"))
+            report, decode = check.check_with_decode(fn, golden, truth, ckpt.config, weights,
+                                                     config.getoption("partial"), config.getoption("qk_layout"))
         except check.ImplementationError as e:  # a bad trace call fails its stage; a crash the stage it was computing
             if e.stage in names:
                 raise Crash(str(e), at=e.stage) from None
@@ -279,7 +299,7 @@ def _prefill_run(checks: Checks, gid: str, folder: Path, names: tuple[str, ...])
         how = (f"python -m golden check {where} --impl {config.getoption('impl')} --dtype {golden.dtype}"
                + (" --qk-layout hf" if config.getoption("qk_layout") == "hf" else "")
                + (" --partial" if config.getoption("partial") else ""))
-        return stage_results(gid, report, golden.config, how)
+        return {**stage_results(gid, report, golden.config, how), **decode_results(gid, decode, golden.config, how)}
 
     return run
 
@@ -311,6 +331,42 @@ def stage_results(gid: str, report, config, how: str = "") -> dict[str, Result]:
                                          f"{r.key} not reported")
         else:
             out[r.key] = Result(FAILED, f"NOT REPORTED: {r.key} ({gid}). {verdict_line(report)}")
+    return out
+
+
+def decode_results(gid: str, decode, config, how: str = "") -> dict[str, Result]:
+    """The decode steps' check as one Result per step and stage (golden keys), like stage_results: the first failing
+    step's first failing stage fails with its diagnosis, what fails after it is skipped as its consequence; a
+    prefill-only implementation's single `decode` test is skipped, saying so."""
+    from golden import compare as cmp
+    from golden.decode import NOT_RUN
+    from golden.report import decode_failure_message, decode_verdict_line
+    from impl import stages
+
+    if decode.verdict == NOT_RUN:
+        return {"decode": Result(SKIPPED, f"{gid}: {decode_verdict_line(decode)}")}
+    first = decode.first_failing
+    first_key = None
+    if first is not None:
+        failed = first.report.first_failure
+        first_key = first.key(failed.key if failed is not None else stages.LOGITS)
+    out: dict[str, Result] = {}
+    for key, step, r in decode.results():
+        lg = step.report.logits
+        logits_bad = r.key == stages.LOGITS and lg is not None and not lg.ok
+        if r.status == cmp.PASS and not logits_bad:
+            out[key] = Result(PASSED)
+        elif key == first_key:
+            lines = (decode_failure_message(step, config) if step.report.first_failure is not None
+                     else [f"step {step.step} (position {step.position}): {_logits_text(lg)}"])
+            out[key] = Result(FAILED, "\n".join(lines + ([f"  the whole table of {gid}: {how}"] if how else [])))
+        elif r.status in (cmp.FAIL, cmp.CONSEQUENCE, cmp.PASS):  # beyond tolerance after the first failure
+            out[key] = Result(SKIPPED, f"beyond tolerance too, a consequence of the first failure at "
+                                       f"{gid}::{first_key}")
+        elif step.report.verdict == cmp.V_PARTIAL:
+            out[key] = Result(SKIPPED, f"PARTIAL: {key} not reported ({gid}; a partial check, as asked)")
+        else:
+            out[key] = Result(FAILED, f"NOT REPORTED: {key} ({gid}). {decode_verdict_line(decode)}")
     return out
 
 

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from golden import sampling
-from golden.format import ATTN_DERIVED, check_destination, destination, environment, write_golden
+from golden.decode import DEFAULT_STEPS, Plan, capture_decode, greedy_plan, plan_of
+from golden.format import ATTN_DERIVED, check_destination, destination, environment, load_golden, write_golden
 from golden.sampling import Sampled, sample_stage
 from impl import stages
 from impl.config import ModelConfig
@@ -120,7 +121,8 @@ class _Recorder:
         self.layer = module.layer_idx
         # (1, heads, seq, d) -> (seq, heads, d)
         self.put("q_rope", rotate_half_to_interleaved(query[0].transpose(0, 1)))
-        self.put("k_rope", rotate_half_to_interleaved(key[0].transpose(0, 1)))
+        # key holds every cached position in a decode step: k_rope is the new positions' (the last q_len)
+        self.put("k_rope", rotate_half_to_interleaved(key[0, :, key.shape[2] - query.shape[2]:].transpose(0, 1)))
         # eager_attention_forward's own expressions, so under eager this is its pre-softmax tensor bit for bit.
         key_states = repeat_kv(key, module.num_key_value_groups)
         scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
@@ -318,13 +320,17 @@ def _check_text(value: str, what: str) -> None:
 
 
 def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str | Path, device_map: Any = None,
-           offload_folder: str | None = None, progress: bool = True, sample_above: int = sampling.THRESHOLD) -> Path:
+           offload_folder: str | None = None, progress: bool = True, sample_above: int = sampling.THRESHOLD,
+           decode_steps: int = DEFAULT_STEPS, decode_plan: Plan | None = None) -> Path:
     """Record a golden of `model` on `prompt` in `dtype` ('fp32'|'bf16') into folder `out`; returns it.
 
     `device_map` / `offload_folder` go to `from_pretrained` unchanged (accelerate), for models
     larger than memory. A prompt of more than `sample_above` tokens is stored sampled (golden.sampling).
     `out` is checked and locked before the model loads (`golden.format.destination`):
     only a golden, an empty folder or a new path is written; anything else is refused before any work.
+    `decode_steps` > 0 adds that many KV-cache decoding steps (golden.decode; 0: a prefill golden) on the fp32
+    reference's greedy tokens: `decode_plan` when given (the fp32 golden's: `plan_from`), else made here, for a
+    bf16 golden by loading the model in fp32 first (twice the memory: pass the fp32 golden's plan for a big model).
     """
     check_prompt(prompt)
     _check_text(prompt, "the prompt")
@@ -333,24 +339,58 @@ def record(model: str, prompt: str, dtype: str, attn: str = "eager", *, out: str
         raise Llama3GoldenError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if attn not in ATTN_IMPLEMENTATIONS:
         raise Llama3GoldenError(f"attention {attn!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if not (isinstance(decode_steps, int) and decode_steps >= 0):
+        raise Llama3GoldenError(f"--decode-steps {decode_steps!r}: a number of steps >= 0 expected")
     # Held from before the model loads until the golden is in place: a folder that must not be replaced
     # is refused before any work, and a second writer of the same folder is refused at once.
-    with destination(out), _progress_bars(progress), load_reference(model, dtype, attn, device_map,
-                                                                    offload_folder) as ref:
-        tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
-        check_prompt(tokens, ref.config.max_seq_len, model=model)
-        tensors = capture(ref.hf_model, tokens, attn, progress=progress, sample_above=sample_above)
-        manifest = {
-            "model": {"name": model, "config": ref.config.to_dict(), "weights_sha256": ref.weights_sha256,
-                      "source": ref.source},
-            "dtype": dtype,
-            "attn_implementation": attn,
-            "prompt": prompt,
-            "tokens": tokens,
-            "derived": list(DERIVED[attn]),
-            "versions": environment(),
-        }
-        return write_golden(out, manifest, tensors)
+    with destination(out), _progress_bars(progress):
+        if decode_steps and decode_plan is None and dtype != "fp32":  # every dtype feeds the fp32 greedy tokens
+            with load_reference(model, "fp32", attn, device_map, offload_folder) as ref32:
+                decode_plan = _plan(ref32, prompt, model, decode_steps)
+        with load_reference(model, dtype, attn, device_map, offload_folder) as ref:
+            return _record(ref, model, prompt, dtype, attn, out, progress, sample_above, decode_steps, decode_plan)
+
+
+def plan_from(folder: str | Path) -> Plan:
+    """The decode plan of an fp32 golden (`record --decode-from`), or Llama3GoldenError if it has none."""
+    g = load_golden(folder)
+    plan = plan_of(g)
+    if plan is None or g.dtype != "fp32":
+        raise Llama3GoldenError(f"--decode-from {folder}: not an fp32 golden with decode steps")
+    return plan
+
+
+def _plan(ref: Reference, prompt: str, model: str, steps: int) -> Plan:
+    tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
+    check_prompt(tokens, ref.config.max_seq_len, new_tokens=steps, model=model)
+    return greedy_plan(ref.hf_model, tokens, steps)
+
+
+def _record(ref: Reference, model: str, prompt: str, dtype: str, attn: str, out: str | Path, progress: bool,
+            sample_above: int, decode_steps: int, plan: Plan | None) -> Path:
+    """The recording itself, on a loaded reference: the prefill's stages, then the decode steps."""
+    tokens = [int(t) for t in ref.tokenizer.encode(prompt, bos=True)]
+    check_prompt(tokens, ref.config.max_seq_len, new_tokens=decode_steps, model=model)
+    tensors = capture(ref.hf_model, tokens, attn, progress=progress, sample_above=sample_above)
+    manifest = {
+        "model": {"name": model, "config": ref.config.to_dict(), "weights_sha256": ref.weights_sha256,
+                  "source": ref.source},
+        "dtype": dtype,
+        "attn_implementation": attn,
+        "prompt": prompt,
+        "tokens": tokens,
+        "derived": list(DERIVED[attn]),
+        "versions": environment(),
+    }
+    if decode_steps:
+        same_model = plan is None
+        plan = plan or _plan(ref, prompt, model, decode_steps)
+        if plan.prompt != tuple(tokens) or plan.steps != decode_steps:
+            raise Llama3GoldenError(f"the decode plan was made for another prompt or step count than {model}'s "
+                                    f"{len(tokens)} tokens and {decode_steps} steps")
+        manifest["decode"], steps = capture_decode(ref.hf_model, tokens, plan, attn, ref.config, same_model)
+        tensors.update(steps)
+    return write_golden(out, manifest, tensors)
 
 
 # ---------------------------------------------------------------- the committed baselines
@@ -379,14 +419,31 @@ BASELINES: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Baselines without decode steps: the long-context golden (its 5 MB hold the sampled prompt; a decode step's scores
+# and probs span every position, and decoding is checked on the default set and SmolLM2).
+NO_DECODE = frozenset({"tiny-long/fp32"})
+
+
 def record_baselines(out: str | Path = DATA_DIR, names: list[str] | None = None,
                      progress: bool = True) -> list[Path]:
-    """(Re-)record the committed baselines into `out`/<name>; returns their folders."""
+    """(Re-)record the committed baselines into `out`/<name>; returns their folders.
+
+    Each with golden.decode.DEFAULT_STEPS decode steps (but those in NO_DECODE); a bf16 baseline feeds the tokens of
+    the fp32 baseline of its model and prompt recorded in this run (or, recorded alone, of the fp32 reference, loaded
+    for the purpose)."""
     unknown = sorted(set(names or ()) - set(BASELINES))
     if unknown:
         raise Llama3GoldenError(f"unknown baseline {unknown[0]!r}; known: {', '.join(BASELINES)}")
     chosen = [(name, spec) for name, spec in BASELINES.items() if not names or name in names]
     for name, _ in chosen:  # every destination, before the first recording
         check_destination(Path(out) / name)
-    return [record(model, prompt, dtype, "eager", out=Path(out) / name, progress=progress)
-            for name, (model, prompt, dtype) in chosen]
+    plans: dict[tuple[str, str], Plan] = {}
+    folders = []
+    for name, (model, prompt, dtype) in chosen:
+        steps = 0 if name in NO_DECODE else DEFAULT_STEPS
+        folder = record(model, prompt, dtype, "eager", out=Path(out) / name, progress=progress,
+                        decode_steps=steps, decode_plan=plans.get((model, prompt)) if steps else None)
+        if dtype == "fp32" and steps:
+            plans[model, prompt] = plan_of(load_golden(folder))
+        folders.append(folder)
+    return folders

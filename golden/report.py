@@ -20,7 +20,8 @@ from pathlib import Path
 from golden import compare as cmp
 from golden import features
 from golden.check import Outcome
-from golden.diagnose import Diagnosis, label_index
+from golden.decode import NOT_RUN, DecodeReport, StepResult
+from golden.diagnose import AXES, Diagnosis, label_index
 from impl import stages
 from impl.errors import Llama3GoldenError
 
@@ -30,12 +31,16 @@ def sci(x: float) -> str:
     return "inf" if math.isinf(x) else ("nan" if math.isnan(x) else f"{x:.1e}")
 
 
-def describe(r: cmp.StageResult) -> str:
+def describe(r: cmp.StageResult, first_position: int = 0) -> str:
     """One line with every number: `layers.0.scores: rel 6.5e-01 > limit 1.0e-04, ..., worst at head 0, query 6,
-    key 0: impl ... vs golden ...` (the worst element's axes named as in impl.stages).
+    key 0: impl ... vs golden ...` (the worst element's axes named as in impl.stages; positions and queries
+    counted from first_position: a decode step's).
 
     Where bf16's scale-bias rule failed the stage, the line says so first (the size rule may have passed)."""
     m = r.metrics
+    axes = AXES.get(r.stage, ())
+    worst = tuple(i + first_position if len(axes) == len(m.worst_index) and axes[n] in ("position", "query") else i
+                  for n, i in enumerate(m.worst_index))
     sb = r.scale_bias
     size = f"rel {sci(m.rel)} {'<=' if m.rel <= r.limit else '>'} limit {sci(r.limit)}"
     head = f"{r.key}: {size}"
@@ -43,7 +48,7 @@ def describe(r: cmp.StageResult) -> str:
         head = f"{r.key}: {describe_scale_bias(sb)}; {size}"
     return (f"{head}, max-abs {sci(m.max_abs)}, "
             f"nmse {sci(m.nmse)}, cosine {m.cosine:.6f}"
-            + (f", worst at {label_index(r.stage, m.worst_index)}{_part(m)}: impl {m.worst_actual:.6g} vs golden "
+            + (f", worst at {label_index(r.stage, worst)}{_part(m)}: impl {m.worst_actual:.6g} vs golden "
                f"{m.worst_expected:.6g}" if m.worst_index else "")
             + (f", {m.mask_mismatch} entries masked on one side only" if m.mask_mismatch else "")
             + (f" ({r.note})" if r.note else ""))
@@ -90,13 +95,14 @@ def failure_message(r: cmp.StageResult) -> str:
     return "\n".join([describe(r), *diagnosis_lines(r.diagnosis)])
 
 
-def failure_lines(report: cmp.Report, config) -> list[str]:
+def failure_lines(report: cmp.Report, config, first_position: int = 0) -> list[str]:
     """The first failure: its numbers, the reference's own bf16 error there, the model's rope-scaling note, the
-    runner's hints (the q/k layout) and the diagnosis. The table's FIRST FAILURE and pytest --impl's message."""
+    runner's hints (the q/k layout) and the diagnosis. The table's FIRST FAILURE and pytest --impl's message.
+    first_position: where the report's positions start (a decode step's position)."""
     first = report.first_failure
     if first is None:
         return []
-    lines = [describe(first)]
+    lines = [describe(first, first_position)]
     if first.ref_metrics is not None:
         lines.append(f"    (the reference's own bf16 error there: rel {sci(first.ref_metrics.rel)})")
     note = features.rope_scaling_note(config, first.stage)
@@ -104,6 +110,13 @@ def failure_lines(report: cmp.Report, config) -> list[str]:
         lines.append(f"    NOTE: {note}")
     lines += [f"  HINT: {h}" for h in report.hints]
     return lines + diagnosis_lines(first.diagnosis, "  ")
+
+
+def decode_failure_message(step: StepResult, config) -> list[str]:
+    """The first failure of a decode step: `step 1 (position 17), rope_cos: rel ...`, then what failure_lines says
+    (the diagnosis on the first failing step). The table's DECODE FIRST FAILURE and pytest --impl's message."""
+    lines = failure_lines(step.report, config, step.position)
+    return [f"{_step_where(step)}, {lines[0]}", *lines[1:]] if lines else []
 
 
 def _by_stage(report: cmp.Report) -> dict[str, list[cmp.StageResult]]:
@@ -186,7 +199,98 @@ def format_report(o: Outcome) -> str:
     if r.logits is not None:
         lines.append(_logits_line(r.logits, o.tokenizer))
     lines.append("  " + verdict_line(r))
+    if o.decode is not None:
+        lines += decode_lines(o)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- decode steps (golden.decode)
+def _step_where(st: StepResult) -> str:
+    return f"step {st.step} (position {st.position})"
+
+
+def _step_row(d: DecodeReport, st: StepResult, tokenizer) -> str:
+    """`  step 1 (position 17, token 75691 ' overloaded'): FAIL at layers.0.scores, 27/31 stages within tolerance,
+    next token agrees`."""
+    r = st.report
+    checked = r.checked
+    n_pass = sum(x.status == cmp.PASS for x in checked)
+    first = r.first_failure
+    verdict = r.verdict + (f" at {first.key}" if first is not None else "")
+    if d.is_consequence(st) and r.verdict == cmp.V_FAIL:
+        verdict += " (after the first failing step)"
+    lg = r.logits
+    nxt = "" if lg is None else (", next token agrees" if lg.top1_ok else
+                                 f", next token DISAGREES (impl {lg.top1} {_decode(tokenizer, lg.top1)}, golden "
+                                 f"{lg.top1_golden} {_decode(tokenizer, lg.top1_golden)}; KL {sci(lg.kl)})")
+    return (f"  step {st.step} (position {st.position}, token {st.token} {_decode(tokenizer, st.token)}".rstrip()
+            + f"): {verdict}, {n_pass}/{len(r.results)} stages within tolerance{nxt}")
+
+
+def decode_verdict_line(d: DecodeReport, prefill: cmp.Report | None = None) -> str:
+    """`decode: PASS 8/8 steps`, `decode: not run (prefill-only implementation)`, `decode: FAIL at step 1,
+    rope_cos: position 17 rotated as position 0 (rope.decode_from_zero); 0/8 steps pass`, INCOMPLETE, PARTIAL."""
+    verdict, n = d.verdict, d.total
+    if verdict == NOT_RUN:
+        return f"decode: not run ({d.not_run})"
+    n_pass = sum(st.report.verdict == cmp.V_PASS for st in d.steps)
+    if verdict == cmp.V_PASS:
+        return f"decode: PASS {n_pass}/{n} steps"
+    missing = [st.key(k) for st in d.steps for k in st.report.missing]
+    n_layers = max((x.layer or 0 for st in d.steps for x in st.report.results), default=0) + 1
+    if verdict == cmp.V_FAIL and d.first_failing is None:  # a diff whose goldens fed other tokens (no step failed)
+        return f"decode: FAIL: the goldens feed or sample other tokens from step {d.diverged} on"
+    if verdict == cmp.V_FAIL:
+        st = d.first_failing
+        first = st.report.first_failure
+        if first is not None:
+            what = f"{first.key}"
+            dg = first.diagnosis
+            if dg is not None and dg.matches:
+                what += f": {dg.matches[0].detail} ({' = '.join(f.id for f in dg.matches[:2])})"
+        else:
+            lg = st.report.logits
+            what = f"logits (KL {sci(lg.kl)}, limit {sci(lg.kl_limit)}; next token {lg.top1} vs {lg.top1_golden})"
+        line = f"decode: FAIL at step {st.step}, {what}; {n_pass}/{n} steps pass"
+        if prefill is not None and not prefill.passed:
+            line += "; the prefill fails too: fix it first"
+        return line
+    checked = sum(len(st.report.checked) for st in d.steps)
+    total = sum(len(st.report.results) for st in d.steps)
+    if verdict == cmp.V_PARTIAL:
+        return (f"decode: PARTIAL: {checked} of {total} stages of {n} steps, all within tolerance (a partial check, "
+                f"as asked); not reported: {stages.summarize(missing, n_layers)}")
+    return (f"decode: INCOMPLETE: {checked} of {total} stages of {n} steps reported, all within tolerance; missing "
+            f"{stages.summarize(missing, n_layers)}; report every stage in every call, or check only the reported "
+            f"ones with --partial")
+
+
+def decode_lines(o: Outcome) -> list[str]:
+    """The decode part of a golden's check: one line when it passes or did not run; else a row per step, the first
+    failure with its diagnosis, and the verdict."""
+    d = o.decode
+    if d.verdict == cmp.V_PASS:
+        st = d.steps
+        computed = [(x.metrics.rel / x.limit if x.limit > 0 else 0.0, s, x) for s in st for x in s.report.checked
+                    if x.stage not in (stages.TOKENS, stages.EMBEDDINGS)]  # lookups: at a constant of their rule
+        worst = max(computed, key=lambda t: t[0], default=None)
+        at = f"; worst {100 * worst[0]:.0f}% of its limit, at step {worst[1].step} {worst[2].key}" if worst else ""
+        each = len(st[0].report.results)
+        return [f"  {decode_verdict_line(d)} (positions {st[0].position}-{st[-1].position}, {each} stages each{at}; "
+                f"the next token agrees at every step)"]
+    if d.verdict == NOT_RUN:
+        return [f"  {decode_verdict_line(d)}"]
+    lines = [f"  decode: {d.total} steps after the prompt, each feeding the golden's greedy token:"]
+    lines += [_step_row(d, st, o.tokenizer) for st in d.steps]
+    st = d.first_failing
+    first = st.report.first_failure if st is not None else None
+    if first is not None:
+        lines.append("  DECODE FIRST FAILURE: " + "\n".join(decode_failure_message(st, o.golden.config)))
+    elif st is not None and st.report.logits is not None:
+        lines.append(f"  DECODE FIRST FAILURE: {_step_where(st)}, " + _logits_line(st.report.logits, o.tokenizer)
+                     .strip())
+    lines.append("  " + decode_verdict_line(d, o.report))
+    return lines
 
 
 def _failed_at(r: cmp.Report) -> str:
@@ -216,12 +320,45 @@ def summary(outcomes: list[Outcome]) -> list[tuple[str, str, str]]:
     return rows
 
 
+def decode_summary(outcomes: list[Outcome]) -> tuple[str, str] | None:
+    """(which goldens, verdict) of the decode steps over a set: `("8 goldens, 8 steps each", "PASS")`, `("...",
+    "FAIL at step 1, layers.0.scores (tiny fp32)")`, `("...", "not run (prefill-only implementation)")`."""
+    ds = [(o, o.decode) for o in outcomes if o.decode is not None]
+    if not ds:
+        return None
+    ran = [(o, d) for o, d in ds if d.verdict != NOT_RUN]
+    if not ran:
+        return f"{len(ds)} goldens", f"not run ({ds[0][1].not_run})"
+    steps = sorted({d.total for _, d in ran})
+    which = f"{len(ran)} goldens, {'/'.join(map(str, steps))} steps each"
+    for v in (cmp.V_FAIL, cmp.V_INCOMPLETE):
+        bad = [(o, d) for o, d in ran if d.verdict == v]
+        if bad:
+            o, d = bad[0]
+            st = d.first_failing
+            at = ""
+            if st is not None:
+                first = st.report.first_failure
+                at = f" at step {st.step}, {first.key if first is not None else 'logits'}"
+            return which, f"{v}{at} ({o.golden.model_name} {o.golden.dtype})"
+    skipped = len(ds) - len(ran)
+    verdict = cmp.V_PARTIAL if any(d.verdict == cmp.V_PARTIAL for _, d in ran) else cmp.V_PASS
+    return which, verdict + (f" ({skipped} goldens without decode steps)" if skipped else "")
+
+
 def format_summary(outcomes: list[Outcome]) -> str:
-    """The main job's last lines: per feature, which goldens check it and the verdict, then one line for all."""
+    """The main job's last lines: per feature, which goldens check it and the verdict, the decode steps, then one
+    line for all."""
     rows = summary(outcomes)
     lines = ["summary by feature:"]
     lines += [f"  {features.describe_feature(label)} ({names}): {verdict}" for label, names, verdict in rows]
-    lines.append("  " + "; ".join(f"{label}: {verdict.split(' (')[0]}" for label, _, verdict in rows))
+    decode = decode_summary(outcomes)
+    parts = [f"{label}: {verdict.split(' (')[0]}" for label, _, verdict in rows]
+    if decode is not None:
+        lines.append(f"  KV-cache decoding ({decode[0]}): {decode[1]}")
+        if not decode[1].startswith("not run"):  # the last line gives verdicts of what was checked
+            parts.append(f"decode: {decode[1].split(' (')[0]}")
+    lines.append("  " + "; ".join(parts))
     return "\n".join(lines)
 
 
@@ -245,8 +382,28 @@ def _drift_line(report: cmp.Report) -> str:
     return f"no drift beyond tolerance ({len(report.checked)} stages)"
 
 
-def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "") -> str:
-    """One row per stage (worst layer), then the verdict naming the first drifting stage."""
+def decode_drift_line(d: DecodeReport | None) -> str | None:
+    """`decode: no drift beyond tolerance in 8 steps`, `decode: first drift at step 3, layers.1.out: ...`, `decode:
+    the greedy tokens differ from step 4 on`, or `decode: not compared (...)`."""
+    if d is None:
+        return None
+    if d.verdict == NOT_RUN:
+        return f"decode: not compared ({d.not_run})"
+    for st in d.steps:
+        if st.report.first_failure is not None:
+            return f"decode: first drift at {_step_where(st)}, {describe(st.report.first_failure, st.position)}"
+        lg = st.report.logits
+        if lg is not None and not lg.ok:
+            return f"decode: first drift at {_step_where(st)}, logits: KL {sci(lg.kl)} (limit {sci(lg.kl_limit)})"
+    if d.diverged is not None:
+        return (f"decode: the two goldens feed or sample other tokens from step {d.diverged} on (the greedy tokens "
+                f"changed); steps before it: no drift")
+    return f"decode: no drift beyond tolerance in {len(d.steps)} steps"
+
+
+def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "", decode: DecodeReport | None = None
+                ) -> str:
+    """One row per stage (worst layer), then the verdict naming the first drifting stage; the decode steps' line."""
     lines = [f"diff {b} against {a} ({report.dtype})"] + ([f"prompt: {prompt_check}"] if prompt_check else []) + [
              f"{'stage':<14} {'worst at':<22} {'rel':>9} {'max_abs':>9} {'cosine':>10} {'limit':>9}  status"]
     groups = _by_stage(report)
@@ -255,6 +412,9 @@ def format_diff(report: cmp.Report, a: Path, b: Path, prompt_check: str = "") ->
         if rows:
             lines.append(_diff_row(s.name, rows))
     lines.append(_drift_line(report))
+    decode_line = decode_drift_line(decode)
+    if decode_line:
+        lines.append(decode_line)
     return "\n".join(lines)
 
 
@@ -359,19 +519,42 @@ def report_dict(report: cmp.Report) -> dict:
     })
 
 
+def decode_dict(d: DecodeReport, prefill: cmp.Report | None = None) -> dict:
+    """The decode steps' verdict, the first failing step and stage, and every step's report_dict."""
+    st = d.first_failing
+    first = st.report.first_failure if st is not None else None
+    return _finite_or_text({
+        "verdict": d.verdict,
+        "summary": decode_verdict_line(d, prefill),
+        "passed": d.passed,
+        "not_run": d.not_run or None,
+        "steps_total": d.total,
+        "steps_checked": len(d.steps),
+        "first_failure": None if st is None else {
+            "step": st.step, "position": st.position, "token": st.token,
+            "stage": first.key if first is not None else "logits",
+            "key": st.key(first.key if first is not None else stages.LOGITS)},
+        "steps": [{"step": x.step, "position": x.position, "token": x.token, **report_dict(x.report)} for x in d.steps],
+    })
+
+
 def check_json(outcomes: list[Outcome]) -> list[dict]:
-    """One entry per checked golden: its path, its model, and every stage's metrics."""
+    """One entry per checked golden: its path, its model, every stage's metrics, and its decode steps'."""
     out = []
     for o in outcomes:
         first = o.report.first_failure
         note = features.rope_scaling_note(o.golden.config, first.stage) if first is not None else None
         out.append({"golden": str(o.golden.path), "model": o.golden.model_name, "prompt_check": o.prompt_check,
-                    "feature": features.feature(o.golden.config), "note": note, **report_dict(o.report)})
+                    "feature": features.feature(o.golden.config), "note": note, **report_dict(o.report),
+                    "decode": decode_dict(o.decode, o.report) if o.decode is not None else None})
     return out
 
 
-def diff_json(report: cmp.Report, a: Path, b: Path) -> dict:
-    return {"a": str(a), "b": str(b), **report_dict(report)}
+def diff_json(report: cmp.Report, a: Path, b: Path, decode: DecodeReport | None = None) -> dict:
+    out = {"a": str(a), "b": str(b), **report_dict(report)}
+    if decode is not None:
+        out["decode"] = {**decode_dict(decode), "summary": decode_drift_line(decode)}
+    return out
 
 
 def write_json(data, file: str | Path) -> None:

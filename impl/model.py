@@ -22,6 +22,7 @@ variant (and expects no false alarm).
     rope_frequencies, scale_rope_frequencies, precompute_freqs_cis, apply_rope   RoPE
     rms_norm                                                                       every norm
     causal_mask, kv_head_of, attention_scores, attention_probs                    attention
+    cache_keys_values                                                              the KV cache (decode)
     swiglu_parts                                                                   the FFN's gate and up
     residual                                                                       both skip connections
     output_weight                                                                  the unembedding (tied or not)
@@ -206,6 +207,26 @@ class KVCache:
         self.v[i, :, start_pos:end] = v.transpose(0, 1)
         return self.k[i, :, :end].transpose(0, 1), self.v[i, :, :end].transpose(0, 1)
 
+    @classmethod
+    def with_room(cls, cache: KVCache | None, config: ModelConfig, length: int, dtype: torch.dtype) -> KVCache:
+        """`cache` if it holds `length` positions, else a cache twice as long (within the model's context) holding
+        its contents: a cache for a caller that does not know how many tokens will come (the decode protocol)."""
+        if cache is not None and cache.max_seq_len >= length:
+            return cache
+        grown = cls.empty(config, min(max(2 * length, 32), config.max_seq_len), dtype)  # forward refuses beyond it
+        if cache is not None:
+            grown.k[:, :, :cache.max_seq_len] = cache.k
+            grown.v[:, :, :cache.max_seq_len] = cache.v
+        return grown
+
+
+def cache_keys_values(cache: KVCache, i: int, start_pos: int, k: torch.Tensor, v: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's new keys (after RoPE) and values (seq, kv, d) into the cache at start_pos; every key and value of
+    positions [0, start_pos + seq), (kv_len, kv, d). A function of its own so that it is a seam (the cache bugs
+    of tests/test_decode_mutations.py)."""
+    return cache.update(i, start_pos, k, v)
+
 
 def context_length(config: ModelConfig, cache: KVCache | None) -> int:
     """How many positions a forward may fill: the cache's length when there is one, else the model's."""
@@ -232,7 +253,7 @@ def attention(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, freqs_ci
     xq, xk = apply_rope(xq, freqs_cis), apply_rope(xk, freqs_cis)
     trace(key(Q_ROPE, i), xq)
     trace(key(K_ROPE, i), xk)
-    keys, values = (xk, xv) if cache is None else cache.update(i, start_pos, xk, xv)  # (kv_len, kv, d)
+    keys, values = (xk, xv) if cache is None else cache_keys_values(cache, i, start_pos, xk, xv)  # (kv_len, kv, d)
     heads = grouped_query_attention(xq, keys, values, start_pos, trace, i)  # (seq, h, d)
     trace(key(ATTN_HEADS, i), heads)
     out = heads.reshape(seq, h * d) @ w[p + "wo.weight"].T  # (seq, dim)

@@ -102,6 +102,25 @@ POST_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES[_AFTER_LAYERS:])
 QK_STAGES = frozenset({Q, K, Q_ROPE, K_ROPE})
 # Attention-matrix stages: the causal mask puts -inf above the diagonal.
 MASKED_STAGES = frozenset({SCORES})
+# (h, queries, keys): in a decode step one query row against every key so far.
+ATTENTION_MATRICES = frozenset({SCORES, PROBS})
+
+# ---------------------------------------------------------------- decode steps (KV-cache decoding)
+# A golden's decode section (golden format 2's optional `decode`) holds N steps after the prompt. Step s (1..N)
+# feeds one token at position seq + s - 1 against the cache of every earlier position; its stages are keyed
+# `decode.<s>.<key>` (`decode.1.layers.0.k_rope`) and hold the new position only: (1, ...) where the prefill has
+# (seq, ...), scores and probs (h, 1, seq + s). The stages a step holds, a subset of the prefill's that fits the
+# committed budget and still names every cache bug (README, "Checking decoding"): the token, the RoPE tables of
+# the new position, q/k/v before and after RoPE (the diagnosis recomputes from them), the attention of the new
+# query over every key (where a cache bug first shows), the attention output, the layer output, the final norm
+# and a sample of the logits.
+DECODE = "decode"
+DECODE_STAGES: tuple[str, ...] = (TOKENS, EMBEDDINGS, ROPE_COS, ROPE_SIN, Q, K, V, Q_ROPE, K_ROPE, SCORES, PROBS,
+                                  ATTN_OUT, OUT, NORM, LOGITS, LOGPROBS_LAST)
+# Stages a decode step holds as a sample of the vocabulary (the manifest's decode.logits_sample says which ids):
+# the golden's top-k ids, then every stride-th id.
+SAMPLED_STAGES = frozenset({LOGITS, LOGPROBS_LAST})
+_DECODE_RE = re.compile(r"^decode\.(\d+)\.(.+)$")
 
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(\w+)$")
 
@@ -131,6 +150,52 @@ def all_keys(n_layers: int) -> list[str]:
     return out + list(POST_STAGES)
 
 
+def decode_key(step: int, key_: str) -> str:
+    """A stage's key in decode step `step` (1..N): decode_key(1, 'layers.0.k_rope') -> 'decode.1.layers.0.k_rope'."""
+    return f"{DECODE}.{step}.{key_}"
+
+
+def split_step(name: str) -> tuple[int | None, str]:
+    """'decode.3.layers.0.q' -> (3, 'layers.0.q'); a prefill key -> (None, key). KeyError for a decode key of a step
+    below 1 or of a stage a step does not hold."""
+    m = _DECODE_RE.match(name)
+    if m is None:
+        return None, name
+    step, rest = int(m.group(1)), m.group(2)
+    _, stage = parse(rest)
+    if step < 1 or stage not in DECODE_STAGES or m.group(1) != str(step):
+        raise KeyError(f"unknown decode stage {name!r}")
+    return step, rest
+
+
+def step_keys(n_layers: int) -> list[str]:
+    """The keys one decode step holds, in forward order, without the `decode.<s>.` prefix."""
+    return [k for k in all_keys(n_layers) if parse(k)[1] in DECODE_STAGES]
+
+
+def decode_steps(section: Any) -> int:
+    """How many decode steps a manifest's `decode` section records. ValueError if it does not say."""
+    steps = section.get("steps") if isinstance(section, Mapping) else None
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"golden option 'decode': steps must be an integer >= 1, not {steps!r}"[:160])
+    return steps
+
+
+def logits_sample_size(config: ModelConfig, section: Any) -> int:
+    """How many vocabulary entries a decode step's logits sample holds: top_k + ceil(vocab / stride)."""
+    sample = section.get("logits_sample") if isinstance(section, Mapping) else None
+    top_k, stride = (sample.get("top_k"), sample.get("stride")) if isinstance(sample, Mapping) else (None, None)
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (top_k, stride)):
+        raise ValueError("golden option 'decode': logits_sample needs integers top_k >= 1 and stride >= 1")
+    return top_k + -(-config.vocab_size // stride)
+
+
+def logits_sample_ids(config: ModelConfig, top_ids: Iterable[int], stride: int) -> list[int]:
+    """The vocabulary ids a decode step's logits sample holds, in order: the golden's top-k ids (best first), then
+    every stride-th id from 0 (an id can appear in both parts)."""
+    return [int(i) for i in top_ids] + list(range(0, config.vocab_size, stride))
+
+
 def every_stage(config: ModelConfig, seq: int, options: Mapping[str, Any] | None = None) -> list[str]:
     """Every stage key a golden holds, in forward order: what "every stage" means, defined once.
 
@@ -138,16 +203,23 @@ def every_stage(config: ModelConfig, seq: int, options: Mapping[str, Any] | None
     sections) holds exactly these keys; a check passes only when an implementation reported all of
     them (or the user asked for `--partial`), and the recorder records exactly these. A plain prefill
     golden has no options: all_keys(n_layers). The options reserved in golden format 2 extend the set
-    here and nowhere else: `decode` (decode steps: `decode.<step>.layers.<i>.k_rope`, ...) and a
-    stage's `rows` (sampled positions: which rows a stage holds, not which stages there are).
+    here and nowhere else: `decode` (decode steps: `decode.<step>.layers.<i>.k_rope`, ...: every key of
+    `step_keys` for steps 1..N after the prefill's) and a stage's `rows` (sampled positions: which rows a stage
+    holds, not which stages there are).
     ValueError for a prompt of no tokens or an option this version does not know how to expand.
     """
     if not isinstance(seq, int) or seq < 1:
         raise ValueError(f"a golden's prompt has at least one token, not {seq!r}")
-    for option, value in (options or {}).items():
+    options = dict(options or {})
+    decode = options.pop(DECODE, None)
+    for option, value in options.items():
         if value is not None:
             raise ValueError(f"golden option {option!r} is not supported by this version (only plain prefill goldens)")
-    return all_keys(config.n_layers)
+    keys = all_keys(config.n_layers)
+    if decode is not None:
+        one_step = step_keys(config.n_layers)
+        keys += [decode_key(s, k) for s in range(1, decode_steps(decode) + 1) for k in one_step]
+    return keys
 
 
 def layer_ranges(layers: Iterable[int]) -> str:
@@ -161,10 +233,27 @@ def layer_ranges(layers: Iterable[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def summarize(keys: Iterable[str]) -> str:
+def summarize(keys: Iterable[str], n_layers: int | None = None) -> str:
     """Stage keys, compactly by stage kind and layers, in forward order:
-    'tokens, rope_cos; q, k in layers 0-1; scores in layer 1; logprobs_last'."""
+    'tokens, rope_cos; q, k in layers 0-1; scores in layer 1; logprobs_last'; decode keys after them, grouped by
+    the steps that miss the same ones: '...; in decode steps 7-8: every stage' (given n_layers) or '...; in decode
+    step 2: logits'."""
     keys = list(keys)
+    by_step: dict[int, list[str]] = {}
+    plain_keys = []
+    for k in keys:
+        step, rest = split_step(k)
+        (by_step.setdefault(step, []) if step is not None else plain_keys).append(rest)
+    if by_step:
+        groups: dict[str, list[int]] = {}
+        whole = len(step_keys(n_layers)) if n_layers is not None else -1
+        for step, ks in sorted(by_step.items()):
+            said = "every stage" if len(ks) == whole else summarize(ks)
+            groups.setdefault(said, []).append(step)
+        parts = [summarize(plain_keys)] if plain_keys else []
+        parts += [f"in decode step{'s' if len(steps) > 1 else ''} {layer_ranges(steps)}: {said}"
+                  for said, steps in groups.items()]
+        return "; ".join(parts)
     order = {s.name: i for i, s in enumerate(STAGES)}
     layers_of: dict[str, list[int]] = {}
     plain: list[str] = []
@@ -185,6 +274,20 @@ def summarize(keys: Iterable[str]) -> str:
     return "; ".join(parts)
 
 
-def expected_shape(name: str, config: ModelConfig, seq: int) -> tuple[int, ...]:
-    _, stage = parse(name)
-    return BY_NAME[stage].shape(config, seq)
+def step_shape(stage: str, config: ModelConfig, q_len: int, kv_len: int) -> tuple[int, ...]:
+    """A stage's shape for q_len new positions against kv_len keys (a prefill: kv_len = q_len)."""
+    shape = BY_NAME[stage].shape(config, q_len)
+    return (*shape[:-1], kv_len) if stage in ATTENTION_MATRICES else shape
+
+
+def expected_shape(name: str, config: ModelConfig, seq: int, options: Mapping[str, Any] | None = None
+                   ) -> tuple[int, ...]:
+    """The shape a golden of a `seq`-token prompt holds under key `name` (a decode key: of its step; a sampled
+    stage's needs the golden's decode section in `options`)."""
+    step, rest = split_step(name)
+    _, stage = parse(rest)
+    if step is None:
+        return BY_NAME[stage].shape(config, seq)
+    if stage in SAMPLED_STAGES:
+        return (logits_sample_size(config, (options or {}).get(DECODE)),)
+    return step_shape(stage, config, 1, seq + step)

@@ -160,3 +160,24 @@ def rotate_half_layout(tokens, weights, config, trace):
     with --qk-layout hf, and fails at layers.0.q without it, with the hint to pass the flag."""
     with _swapped("apply_rope", _rope_rotate_half):
         return model.forward(tokens, _hf_rows(weights, config), config, trace=trace)
+
+
+# ---------------------------------------------------------------- the same, in the decode protocol
+def cached(fn):
+    """A prefill-only forward above (it calls impl.model.forward) in the decode protocol (golden.check.takes_cache):
+    the same computation, over impl's KV cache, at the position the checker gives."""
+    def forward(tokens, weights, config, trace, start_pos=0, cache=None):
+        made = {}
+        plain = model.forward
+
+        def with_cache(tokens, weights, config, trace=None):
+            dtype = weights["tok_embeddings.weight"].dtype  # the weights it computes in (fp32 / fp64 upcasts too)
+            made["cache"] = model.KVCache.with_room(cache, config, start_pos + len(tokens), dtype)
+            return plain(tokens, weights, config, trace=trace, start_pos=start_pos, cache=made["cache"],
+                         all_logits=False)
+
+        with _swapped("forward", with_cache):
+            logits = fn(tokens, weights, config, trace)
+        return logits, made["cache"]
+
+    return forward

@@ -34,3 +34,38 @@ def hf_rows_complex_rope(tokens, weights, config, trace):
     """wq/wk rows in HF's rotate-half order with Meta's complex (interleaved) RoPE: a conversion skipped. q matches
     the golden after the layout permutation, q_rope does not: a bug, not a layout (no --qk-layout hint)."""
     return model.forward(tokens, _hf_rows(weights, config), config, trace=trace)
+
+
+# ---------------------------------------------------------------- in the decode protocol (golden.check.takes_cache)
+def _positions_from_zero(config, seq_len, start=0):
+    return _ORIG_FREQS(config, seq_len, 0)  # the new tokens rotated from position 0, whatever start_pos says
+
+
+_ORIG_FREQS = model.precompute_freqs_cis
+
+
+def rope_from_zero_in_decode(tokens, weights, config, trace, start_pos=0, cache=None):
+    """A cached forward whose RoPE ignores start_pos: right in the prefill, each decoded token rotated as position 0."""
+    from golden.check import impl_forward
+
+    with _swapped("precompute_freqs_cis", _positions_from_zero):
+        return impl_forward(tokens, weights, config, trace, start_pos, cache)
+
+
+def logits_only(tokens, weights, config, trace, start_pos=0, cache=None):
+    """Takes a cache but returns only the logits: not the decode protocol's (logits, cache)."""
+    from golden.check import impl_forward
+
+    return impl_forward(tokens, weights, config, trace, start_pos, cache)[0]
+
+
+def crashes_in_step_2(tokens, weights, config, trace, start_pos=0, cache=None):
+    """Runs the prefill and the first decode step, then fails in the second (as an index past its cache's end)."""
+    from golden.check import impl_forward
+
+    calls = 0 if cache is None else cache.calls
+    if calls == 2:  # the prefill and step 1 came before
+        raise IndexError("index 18 is out of bounds for dimension 0 with size 18")
+    logits, cache = impl_forward(tokens, weights, config, trace, start_pos, cache)
+    cache.calls = calls + 1
+    return logits, cache

@@ -35,7 +35,8 @@ def test_check_default_golden_passes_with_exit_0(capsys):
     assert "tiny, fp32" in out and "tiny, bf16" in out and out.count("PASS: 43/43 stages within tolerance") == 8
     for model in ("tiny-varied", "tiny-scaled", "tiny-tied"):
         assert f"{model}, fp32" in out and f"{model}, bf16" in out
-    assert out.splitlines()[-1] == "  core: PASS; 3.1 rope scaling: PASS; tied embeddings: PASS"
+    assert out.count("  decode: PASS 8/8 steps (") == 8
+    assert out.splitlines()[-1] == "  core: PASS; 3.1 rope scaling: PASS; tied embeddings: PASS; decode: PASS"
 
 
 def test_check_writes_json_and_plot(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from golden import cli
 from golden.check import diff_goldens
 from golden.compare import stage_metrics
+from golden.decode import plan_of
 from golden.format import ACTIVATIONS, MANIFEST, load_golden, sha256_file, write_golden
 from golden.record import BASELINES, DATA_DIR, WALKTHROUGH_PROMPT, capture, load_reference, record
 from golden.report import format_diff
@@ -143,6 +144,16 @@ def test_capture_rope_rotates_adjacent_pairs(eager):
         torch.testing.assert_close(eager[f"layers.1.{name}_rope"], rotated, msg=name)
 
 
+def test_decode_steps_feed_transformers_greedy_generation(tiny, tokens):
+    """The committed decode steps feed what transformers' own `generate` picks, greedily, after the prompt."""
+    greedy = load_golden(DATA_DIR / "tiny/fp32").manifest["decode"]["greedy"]
+    with torch.inference_mode():
+        ids = torch.tensor([tokens])
+        out = tiny.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(greedy),
+                                     do_sample=False, pad_token_id=0)
+    assert out[0, len(tokens):].tolist() == greedy
+
+
 def test_record_refuses_bad_input(tmp_path):
     with pytest.raises(Llama3GoldenError, match="empty prompt"):
         record("tiny", "", "fp32", out=tmp_path / "unused")
@@ -191,7 +202,10 @@ def test_committed_baselines_fit_the_budget():
 def test_committed_baseline_rerecords_without_drift(name, tmp_path):
     # An upstream numerics change (new torch / transformers) shows up here as a named stage.
     model, prompt, dtype = BASELINES[name]
-    new = load_golden(record(model, prompt, dtype, out=tmp_path / name, progress=False))
+    # bf16 feeds the committed fp32 golden's decode tokens, as record-baselines does; fp32 decodes afresh (a changed
+    # greedy token then shows in the diff)
+    plan = plan_of(load_golden(DATA_DIR / name.replace("bf16", "fp32"))) if dtype == "bf16" else None
+    new = load_golden(record(model, prompt, dtype, out=tmp_path / name, progress=False, decode_plan=plan))
     old = load_golden(DATA_DIR / name)
     report = diff_goldens(old, new)
     assert report.passed, format_diff(report, old.path, new.path)
@@ -200,7 +214,7 @@ def test_committed_baseline_rerecords_without_drift(name, tmp_path):
 # ---------------------------------------------------------------- diff
 def _perturbed(src, dst, key, factor):
     g = load_golden(src)
-    tensors = dict(g.tensors)
+    tensors = g.stored()  # the decode steps' too
     tensors[key] = (tensors[key].float() * factor).to(tensors[key].dtype)
     fields = {k: v for k, v in g.manifest.items() if k not in ("format", "version", "layout", "stages",
                                                                "activations_sha256")}

@@ -81,6 +81,12 @@ HOW: dict[str, How] = {
     # the example implements Llama 3 without 3.1's rope scaling: the default set says so, exit 1 (README)
     "python -m golden check --impl my_llama:forward": How(
         exit_code=1, shows="core: PASS; 3.1 rope scaling: FAIL at rope_cos; tied embeddings: PASS"),
+    # the cached example passes prefill and decode on the default set (tests/test_decode.py checks it in-process)
+    "python -m golden check --impl my_llama_cached:forward": How(
+        shows="core: PASS; 3.1 rope scaling: PASS; tied embeddings: PASS; decode: PASS", slow=True),
+    "python -m golden check golden/data/tiny/fp32 --impl tests.bugs:rope_from_zero_in_decode": How(
+        exit_code=1, slow=True,
+        shows="decode: FAIL at step 1, rope_cos: position 17 rotated as position 0 (rope.decode_from_zero)"),
     "python -m golden check golden/data/smollm2-135m --impl my_llama:forward --plot err.png --json err.json":
         How(shows="PASS: 547/547 stages within tolerance", files=("err.png", "err.json")),
     'python -m impl tokenize "This is a test sentence."': How(shows="README"),

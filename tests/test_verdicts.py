@@ -255,8 +255,9 @@ def _token(i, value, tensor_too=False):
 
 
 NOT_WHOLE = {
-    "only-tokens": (_only_tokens, True, r"manifest\.json: holds 1 of the model's 43 stages; missing embeddings, "
-                                        r"rope_cos, rope_sin; residual_in, .* in layers 0-1; norm, logits"),
+    "only-tokens": (_only_tokens, True, r"manifest\.json: holds 1 of the model's 243 stages; missing embeddings, "
+                                        r"rope_cos, rope_sin; residual_in, .* in layers 0-1; norm, logits, "
+                                        r"logprobs_last; in decode steps 1-8: every stage$"),
     "extra-layer": (_extra_layer, True, r"manifest\.json: stage layers\.7\.q is outside the model \(2 layers\)$"),
     "edited-prompt": (_set("prompt", "the answer to the ultimate question of life is "), True,
                       r"manifest\.json: the prompt tokenizes to 11 tokens that differ from the golden's 17 at "
@@ -291,8 +292,7 @@ NOT_WHOLE = {
                   r"record --model tiny --prompt 'the answer to the ultimate question of life, the universe, and "
                   r"everything is ' --dtype fp32 --out \S+` \(the committed baselines: `python -m golden "
                   r"record-baselines`\)$"),
-    "decode-section": (_set("decode", {"steps": 2}), True,
-                       r"golden option 'decode' is not supported by this version"),
+    "decode-section": (_set("decode", {"steps": 2}), True, r"manifest\.json: decode: missing 'greedy'$"),
 }
 
 
