@@ -7,18 +7,19 @@ from golden import compare
 from golden.check import impl_forward
 from impl.config import PRESETS
 from tests.alternatives import ALTERNATIVES, BF16_ONLY
-from tests.conftest import DTYPES, GOLDEN_MODELS, SWEEP_DEFAULT_GOLDENS
+from tests.conftest import DTYPES, GOLDEN_MODELS
 
 SMOLLM2 = "smollm2-135m"
 
 
 def cases(names, smollm2_default: str, dtypes=None, smollm2_dtype=None):
-    """(name, model[, dtype]) for every name and golden model: SWEEP_DEFAULT_GOLDENS in the default suite, and
-    SmolLM2 for `smollm2_default` (in `smollm2_dtype` only, where given); every other case is `slow`."""
+    """(name, model[, dtype]) for every name and golden model: every tiny golden in the default suite, SmolLM2 for
+    `smollm2_default` (in `smollm2_dtype` only, where given); the other SmolLM2 cases are `slow` (each checks all 30
+    layers once more)."""
     for name in names:
         for model in GOLDEN_MODELS:
             for dtype in dtypes or [None]:
-                default = model in SWEEP_DEFAULT_GOLDENS or (
+                default = model != SMOLLM2 or (
                     model == SMOLLM2 and name == smollm2_default and smollm2_dtype in (None, dtype))
                 marks = [] if default else [pytest.mark.slow]
                 values, id_ = ((name, model), f"{name}-{model}") if dtype is None else \
