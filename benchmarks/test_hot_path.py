@@ -8,8 +8,9 @@ pytest-dev/pytest-xdist#1386.)
 
 Group = operation x model x prefill length (or decode step); inside it impl, the walk-through's loop and
 transformers, each in fp32 and bf16. Correctness is checked once, outside the timed call. The default test
-run executes each body once (--benchmark-disable) on the small cases; the 8B shapes and the long whole-model
-prompts are `slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
+run executes each body once (--benchmark-disable) on the small cases; the 8B shapes, the long whole-model
+prompts, the SmolLM2 forward cases but two (user fp32, impl bf16) and the generate cases but one (impl fp32) are
+`slow`. `tox -e bench` times everything against the machine's roofs (benchmarks/roofs.py);
 `python -m benchmarks.chart` turns the JSON into a table and PNG.
 """
 
@@ -73,16 +74,21 @@ def test_layer(benchmark, shape, name, dtype_name):
 
 
 # ------------------------------------------------------------------------------------------- whole models
+DEFAULT_FORWARD = {("user", "fp32"), ("impl", "bf16")}
+
+
 def _forward_params():
     # One (model, dtype) after the other, so each weight set is built once and let go before the next
     # (benchmarks/models.py holds one 8B-shaped set at a time).
     for model_name in ("smollm2-135m", "llama-3-8b-1layer"):
         for dtype_name in DTYPES:
             for seq in models.FORWARD_SEQS:
-                slow = model_name != "smollm2-135m" or seq > 17  # the default run: SmolLM2's 17 tokens only
-                marks = [pytest.mark.slow] if slow else []
                 for name in models.FORWARD_IMPLEMENTATIONS:
-                    yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name, marks=marks,
+                    # the default run: SmolLM2's 17 tokens, through the user's trace in fp32 and impl's fast path in
+                    # bf16 (transformers' eager forward is the reference of every case); the rest is `slow`
+                    slow = model_name != "smollm2-135m" or seq > 17 or (name, dtype_name) not in DEFAULT_FORWARD
+                    yield pytest.param(models.ModelShape(model_name, seq), name, dtype_name,
+                                       marks=[pytest.mark.slow] if slow else [],
                                        id=f"{model_name}-prefill-{seq}-{name}-{dtype_name}")
 
 
@@ -103,8 +109,17 @@ def test_forward(benchmark, user_forward, shape, name, dtype_name):
     _record(benchmark, fn, f"forward {shape.model} {shape.label}", info, info["flops"] / 40e9)
 
 
-@pytest.mark.parametrize("name", models.GENERATE_IMPLEMENTATIONS)
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def _generate_params():
+    """The default run executes the body once on impl in fp32 (impl's generate and transformers' eager generate, as
+    its reference); the other five cases (transformers' generate on CPU, bf16 above all, took minutes on 2 cores)
+    are `slow`."""
+    for dtype_name in DTYPES:
+        for name in models.GENERATE_IMPLEMENTATIONS:
+            slow = (name, dtype_name) != ("impl", "fp32")
+            yield pytest.param(name, dtype_name, marks=[pytest.mark.slow] if slow else [], id=f"{dtype_name}-{name}")
+
+
+@pytest.mark.parametrize(("name", "dtype_name"), list(_generate_params()))
 def test_generate(benchmark, name, dtype_name):
     """End to end: `impl generate`'s fast path (its prepared weights) vs transformers' greedy generate."""
     fn = models.generate_case(name, dtype_name)

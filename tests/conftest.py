@@ -13,6 +13,10 @@ TESTS = Path(__file__).resolve().parent
 GOLDEN_DATA = TESTS.parent / "golden" / "data"
 GOLDEN_MODELS = ("tiny", "tiny-varied", "tiny-scaled", "tiny-tied", "smollm2-135m")
 DTYPES = ("fp32", "bf16")
+# Sweeps of correct implementations over the goldens (test_alternatives.py, test_diagnose.py) run on these in the
+# default suite: tiny (the walk-through's shapes) and tiny-scaled (3.1's rope scaling). tiny-varied, tiny-tied and
+# SmolLM2 (but for one representative case per test) are `slow`: the 10-minute budget of the default suite.
+SWEEP_DEFAULT_GOLDENS = ("tiny", "tiny-scaled")
 
 
 def golden_dir(model: str, dtype: str) -> Path:

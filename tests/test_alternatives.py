@@ -7,12 +7,27 @@ from golden import compare
 from golden.check import impl_forward
 from impl.config import PRESETS
 from tests.alternatives import ALTERNATIVES, BF16_ONLY
-from tests.conftest import DTYPES, GOLDEN_MODELS
+from tests.conftest import DTYPES, GOLDEN_MODELS, SWEEP_DEFAULT_GOLDENS
+
+SMOLLM2 = "smollm2-135m"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", list(ALTERNATIVES))
+def cases(names, smollm2_default: str, dtypes=None, smollm2_dtype=None):
+    """(name, model[, dtype]) for every name and golden model: SWEEP_DEFAULT_GOLDENS in the default suite, and
+    SmolLM2 for `smollm2_default` (in `smollm2_dtype` only, where given); every other case is `slow`."""
+    for name in names:
+        for model in GOLDEN_MODELS:
+            for dtype in dtypes or [None]:
+                default = model in SWEEP_DEFAULT_GOLDENS or (
+                    model == SMOLLM2 and name == smollm2_default and smollm2_dtype in (None, dtype))
+                marks = [] if default else [pytest.mark.slow]
+                values, id_ = ((name, model), f"{name}-{model}") if dtype is None else \
+                    ((name, model, dtype), f"{name}-{model}-{dtype}")
+                yield pytest.param(*values, marks=marks, id=id_)
+
+
+@pytest.mark.parametrize(("alternative", "model", "dtype"),
+                         list(cases(ALTERNATIVES, "rope-like-transformers", DTYPES, smollm2_dtype="fp32")))
 def test_correct_alternative_passes_every_stage(check_against, alternative, model, dtype):
     report = check_against(ALTERNATIVES[alternative], model, dtype)
     first = report.first_failure
@@ -22,7 +37,8 @@ def test_correct_alternative_passes_every_stage(check_against, alternative, mode
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("model", ["tiny", "smollm2-135m"])
+# On SmolLM2 the README's own command runs the example (tests/test_readme_commands.py): slow here.
+@pytest.mark.parametrize("model", ["tiny", pytest.param(SMOLLM2, marks=pytest.mark.slow)])
 def test_readme_example_reports_and_passes_every_stage(check_against, model, dtype):
     report = check_against(sketch_forward, model, dtype)
     assert report.verdict == compare.V_PASS and report.missing == []
@@ -36,8 +52,7 @@ def test_readme_example_without_rope_scaling_fails_on_the_scaled_model(check_aga
 BF16_ONLY_NAMES = list(BF16_ONLY)
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+@pytest.mark.parametrize(("alternative", "model"), list(cases(BF16_ONLY_NAMES, "walkthrough-bf16")))
 def test_bf16_only_alternative_passes_bf16(check_against, alternative, model):
     report = check_against(BF16_ONLY[alternative][0], model, "bf16")
     first = report.first_failure
@@ -45,8 +60,7 @@ def test_bf16_only_alternative_passes_bf16(check_against, alternative, model):
     assert report.logits.ok, f"false alarm on logits: {report.logits}"
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", BF16_ONLY_NAMES)
+@pytest.mark.parametrize(("alternative", "model"), list(cases(BF16_ONLY_NAMES, "")))
 def test_bf16_only_alternative_fails_fp32_at_its_stage(check_against, alternative, model):
     """A bf16 cast inside an fp32 computation is a bug in an fp32 run."""
     fn, first_key = BF16_ONLY[alternative]
@@ -58,8 +72,8 @@ def test_bf16_only_alternative_fails_fp32_at_its_stage(check_against, alternativ
 MARGIN_IMPLS = {"impl": impl_forward, **ALTERNATIVES, **{k: fn for k, (fn, _) in BF16_ONLY.items()}}
 
 
-@pytest.mark.parametrize("model", GOLDEN_MODELS)
-@pytest.mark.parametrize("alternative", list(MARGIN_IMPLS))
+# On SmolLM2 the default suite runs the tightest margin (the walk-through's precision: S at 0.499 of the limit).
+@pytest.mark.parametrize(("alternative", "model"), list(cases(MARGIN_IMPLS, "walkthrough-bf16")))
 def test_correct_bf16_stays_within_half_the_scale_bias_limit(check_against, alternative, model):
     """The margin on the correct side: at every RMSNorm output, S <= limit / 2 (bugs: >= 2x, test_mutations.py)."""
     report = check_against(MARGIN_IMPLS[alternative], model, "bf16")

@@ -18,7 +18,7 @@ from impl import model, stages
 from impl.layout import interleaved_to_rotate_half
 from tests import test_mutations as mut
 from tests.alternatives import ALTERNATIVES
-from tests.conftest import GOLDEN_MODELS
+from tests.conftest import GOLDEN_MODELS, SWEEP_DEFAULT_GOLDENS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +68,9 @@ CASES = [(m, g, d) for m, spec in mut.MUTATIONS.items()
 
 
 def _param(m, g, d):
-    return pytest.param(m, g, d, id=f"{m}-{g}-{d}", marks=[pytest.mark.slow] if g == "smollm2-135m" else [])
+    """Each bug on its own tiny golden in the default suite; the sweep onto other goldens and SmolLM2 are `slow`."""
+    default = g in mut._goldens(mut.MUTATIONS[m]) and g != "smollm2-135m"
+    return pytest.param(m, g, d, id=f"{m}-{g}-{d}", marks=[] if default else [pytest.mark.slow])
 
 
 def _mutant_report(monkeypatch, models, check_against, mutation, golden_model, dtype):
@@ -127,7 +129,7 @@ def _forced(goldens, models, fn, golden_model, dtype, layers=None):
             yield r, diagnose.diagnose(r.key, actual, truth.tensors, ckpt.config, weights, r.limit)
 
 
-ALT_CASES = [pytest.param(a, g, d, id=f"{a}-{g}-{d}", marks=[pytest.mark.slow] if g == "smollm2-135m" else [])
+ALT_CASES = [pytest.param(a, g, d, id=f"{a}-{g}-{d}", marks=[] if g in SWEEP_DEFAULT_GOLDENS else [pytest.mark.slow])
              for a in ALTERNATIVES for g in GOLDEN_MODELS for d in ("fp32", "bf16")]
 
 

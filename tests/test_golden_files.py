@@ -1,13 +1,18 @@
 """`python -m golden` never loses a file, never leaves a half-written golden, never prints a traceback.
 
-Every case runs the real command line in a subprocess, as a user types it: the exit code, exactly one
-`error: ...` line on stderr (or `interrupted` / `terminated`), no traceback, and every file that was
-there before is still there, byte for byte. Signals are sent for real, to a recording held at a known
-point by a small driver that slows one `os.rename` of golden.format in the subprocess only.
+Each case checks the exit code, exactly one `error: ...` line on stderr (or `interrupted` / `terminated`), no
+traceback, and that every file that was there before is still there, byte for byte. What crosses the process
+boundary runs the real command line in a subprocess, as a user types it: a record and a diff, signals (sent for
+real, to a recording held at a known point by a small driver that slows one `os.rename` of golden.format in the
+subprocess only), a kill, a second writer, a write error after the report, undecodable arguments. The corpora of
+refused destinations and unwritable outputs call `golden.cli.main` in-process (the same parser, checks and
+one-line handler, without a fresh interpreter importing torch and transformers for each case).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -22,6 +27,7 @@ import pytest
 from golden import format as gf
 from golden import report
 from golden.check import golden_set
+from golden.cli import main
 from golden.format import MANIFEST, GoldenError, load_golden
 from golden.record import WALKTHROUGH_PROMPT
 from tests.conftest import golden_dir
@@ -35,6 +41,14 @@ def golden_cli(*args, env: dict | None = None, timeout: int = 300) -> subprocess
     """`python -m golden ARGS` from the repository root (so this checkout's golden/ is the one run)."""
     return subprocess.run([sys.executable, "-m", "golden", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, errors="backslashreplace", env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def golden_main(*args) -> subprocess.CompletedProcess:
+    """`golden.cli.main(ARGS)` in this process, with what it printed: for cases that are not about the process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(["golden", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def assert_one_error_line(proc: subprocess.CompletedProcess, code: int = 2, says: str = "") -> None:
@@ -128,21 +142,21 @@ def test_record_refuses_a_destination_it_must_not_replace(tmp_path, make, comman
         out = make(root / "tiny" / "fp32")
         args = ["record-baselines", "--out", root, "--only", "tiny/fp32", "--quiet"]
     before = snapshot(tmp_path)
-    assert_one_error_line(golden_cli(*args), 2, says)
+    assert_one_error_line(golden_main(*args), 2, says)
     assert snapshot(tmp_path) == before
 
 
 def test_record_refuses_the_destination_before_loading_the_model(tmp_path):
     # With a model that does not exist, a refusal that came after loading would name the model instead.
     out = _site(tmp_path / "site")
-    proc = golden_cli("record", "--model", "no-such-model-anywhere", "--prompt", "hi", "--dtype", "fp32",
-                      "--out", out)
+    proc = golden_main("record", "--model", "no-such-model-anywhere", "--prompt", "hi", "--dtype", "fp32",
+                       "--out", out)
     assert_one_error_line(proc, 2, f"{out}: exists and is not a golden folder")
 
 
 def test_record_replaces_a_golden_and_leaves_nothing_beside_it(tmp_path):
     out = copy_golden(tmp_path / "fp32")
-    proc = golden_cli(*RECORD, "--out", out)
+    proc = golden_main(*RECORD, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_golden(out).manifest["prompt"] == "hello"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32"]  # no temp, old or lock file
@@ -189,15 +203,19 @@ def start_slowed_record(tmp_path: Path, out: Path, phase: str) -> subprocess.Pop
     return proc
 
 
-SIGNALS = {
-    "sigterm-before-renames": (signal.SIGTERM, "before", 143, "terminated\n"),
-    "sigterm-between-renames": (signal.SIGTERM, "between", 143, "terminated\n"),
-    "sigint-before-renames": (signal.SIGINT, "before", 130, "interrupted\n"),
-    "sigint-between-renames": (signal.SIGINT, "between", 130, "interrupted\n"),
+SIGNALS = {  # name -> (signal, where the record is held, exit code, stderr, slow)
+    "sigterm-before-renames": (signal.SIGTERM, "before", 143, "terminated\n", True),
+    "sigterm-between-renames": (signal.SIGTERM, "between", 143, "terminated\n", False),
+    "sigint-before-renames": (signal.SIGINT, "before", 130, "interrupted\n", False),
+    "sigint-between-renames": (signal.SIGINT, "between", 130, "interrupted\n", True),
 }
+# Each case is a recording in a fresh interpreter: the default suite sends each signal at one of the two points
+# (both signals and both points are covered), the other two cases are `slow`.
+SIGNAL_CASES = [pytest.param(*case[:4], id=name, marks=[pytest.mark.slow] if case[4] else [])
+                for name, case in SIGNALS.items()]
 
 
-@pytest.mark.parametrize("sig, phase, code, says", list(SIGNALS.values()), ids=list(SIGNALS))
+@pytest.mark.parametrize("sig, phase, code, says", SIGNAL_CASES)
 def test_record_signal_leaves_the_old_golden_and_no_temp_files(tmp_path, sig, phase, code, says):
     out = copy_golden(tmp_path / "goldens" / "fp32")
     before = snapshot(out.parent)
@@ -217,7 +235,7 @@ def test_record_after_a_kill_between_renames_restores_and_sweeps(tmp_path):
     assert not out.exists()  # the old golden sits in .fp32.old-*, the new one in .fp32.tmp-*
     with pytest.raises(GoldenError, match="not a golden folder"):  # the leftovers are not taken for goldens
         golden_set(out.parent)
-    again = golden_cli(*RECORD, "--out", out)
+    again = golden_main(*RECORD, "--out", out)  # in-process: the sweep is golden.format's, not the process's
     assert again.returncode == 0, again.stderr[-3000:]
     assert load_golden(out).manifest["prompt"] == "hello"
     assert sorted(p.name for p in out.parent.iterdir()) == ["fp32"]
@@ -227,7 +245,7 @@ def test_record_refuses_a_second_writer_of_the_same_folder(tmp_path):
     out = copy_golden(tmp_path / "goldens" / "fp32")
     first = start_slowed_record(tmp_path, out, "before")
     try:
-        second = golden_cli(*RECORD, "--out", out)
+        second = golden_main(*RECORD, "--out", out)  # its own open of the lock file: flock refuses it as it would
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=120)
@@ -296,7 +314,7 @@ OUTPUTS = {  # name -> (command line with {out} for the output path, make the ou
 def test_unwritable_output_exits_2_before_running(tmp_path, args, make, says):
     out = make(tmp_path)
     before = snapshot(tmp_path)
-    proc = golden_cli(*[str(a).format(out=out, tmp=tmp_path) for a in args])
+    proc = golden_main(*[str(a).format(out=out, tmp=tmp_path) for a in args])
     assert_one_error_line(proc, 2, says.format(out=out))
     assert proc.stdout == ""  # refused before the check ran, not after its report
     assert snapshot(tmp_path) == before

@@ -27,13 +27,15 @@ def test_generate_smollm2_continues_with_paris(capsys):
     assert code == 0 and out.startswith("The capital of France is Paris")
 
 
+@pytest.mark.slow  # the default suite runs bf16 generate in test_generate_runs_prepared_weights_packed[bf16]
 def test_generate_bf16_runs(capsys):
     code, out, _ = _run(capsys, "generate", "--model", "smollm2-135m", "--prompt", "The capital of France is",
                         "--max-new-tokens", "2", "--dtype", "bf16")
     assert code == 0 and out.startswith("The capital of France is Paris")
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+# fp32 is slow: the default suite runs fp32 generate (torch engine) in test_generate_smollm2_continues_with_paris.
+@pytest.mark.parametrize("dtype", [pytest.param("fp32", marks=pytest.mark.slow), "bf16"])
 def test_generate_runs_prepared_weights_packed(capsys, monkeypatch, dtype):
     """generate runs the fast path on prepare_for_generation's weights: here packed (pinned), still Paris."""
     from impl import engines, model

@@ -458,6 +458,9 @@ def test_smollm2_gguf_config_matches_preset(smollm2):
     assert "output.weight" not in smollm2.weights
 
 
+# slow: transformers' GGUF reader parses the real file's metadata in Python (its 49,152-token vocabulary), the
+# heaviest test of this file; the default suite checks the same reader on tiny (test_save_gguf_matches_...).
+@pytest.mark.slow
 def test_smollm2_gguf_weights_match_transformers_gguf_reader(smollm2):
     path = Path(smollm2.tokenizer)
     reference = hf_model(path.parent, gguf_file=path.name).state_dict()
