@@ -266,6 +266,14 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def raised_where(exc: BaseException, fn) -> str:
+    """What the user's callable did and where: `raised ValueError: bad shape at my_llama.py:23`, `called
+    sys.exit(1) at my_llama.py:9`."""
+    what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+            else f"raised {exc.__class__.__name__}" + (f": {_first_line(exc)}" if _first_line(exc) else ""))
+    return f"{what} at {_where(exc, _user_file(fn))}"
+
+
 def _as_stage_tensor(name: str, tensor) -> torch.Tensor:
     """A reported value as a plain dense real tensor on the CPU, or ImplementationError saying what it is."""
     if isinstance(tensor, torch.Tensor):
@@ -382,9 +390,7 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
         if ours:
             raise ours[0] from None
         last = next(reversed(seen), None) if seen else None
-        what = (f"called sys.exit({e.code!r})" if isinstance(e, SystemExit)
-                else f"raised {e.__class__.__name__}" + (f": {_first_line(e)}" if _first_line(e) else ""))
-        raise _traced(ImplementationError(f"the implementation {what} at {_where(e, _user_file(fn))} "
+        raise _traced(ImplementationError(f"the implementation {raised_where(e, fn)} "
                                           f"({context + ', ' if context else ''}last stage traced: {last or 'none'})"),
                       seen, prefix, before) from None
     if errors:  # a bad trace call the user's code caught and went on from

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from golden.check import DATA, ImplementationError, _first_line, _user_file, _where
+from golden.check import DATA, ImplementationError, raised_where
 from golden.format import GoldenError
 
 EXPECTED = DATA / "tokenizer" / "llama3.json"
@@ -189,7 +189,7 @@ def run_encode(encode: Encode, case: Case, spec: str) -> tuple[int, ...]:
             hint = ("; the contract reads special-token text as plain text: tiktoken's encode(text, "
                     "disallowed_special=())")
         raise ImplementationError(
-            f"{spec} raised {e.__class__.__name__}: {_first_line(e)} at {_where(e, _user_file(encode))} "
+            f"{spec} {raised_where(e, encode)} "
             f"on {case.group} string {case.index} {_escaped(case.text)}{hint}") from None
     if hasattr(got, "tolist"):  # a tensor or an array
         got = got.tolist()
