@@ -40,14 +40,16 @@ def annotate(benchmarks: list[dict], machine_info: dict) -> None:
     for b in benchmarks:
         info, t = b["extra_info"], _time(b)
         group, name, dtype = b["group"], info["implementation"], info["dtype"]
-        if "flops" in info:
+        # rows that are not kernels (the diagnosis timings: flops=0, bytes=0) get no rate and no roof
+        if info.get("flops"):
             info["gflops"] = info["flops"] / t / 1e9
         if "new_tokens" in info:
             info["tokens_per_s"] = info["new_tokens"] / t
         peak = roofs.get(dtype, {}).get("gflops")
-        if peak and "flops" in info:
+        if peak and info.get("flops"):
             compute_s = info["flops"] / peak / 1e9
-            bw_s = info["bytes"] / info["bandwidth_roof_gbytes_per_s"] / 1e9 if "bytes" in info else 0.0
+            bw_roof = info.get("bandwidth_roof_gbytes_per_s")
+            bw_s = info["bytes"] / bw_roof / 1e9 if info.get("bytes") and bw_roof else 0.0
             info["roofline_fraction"] = max(compute_s, bw_s) / t
             if bw_s:
                 info["bandwidth_fraction"] = bw_s / t

@@ -28,6 +28,17 @@ def test_annotate_fraction_of_the_true_roof():
     assert b[0]["extra_info"]["bound"] == "compute"
 
 
+def test_annotate_leaves_rows_that_are_not_kernels_without_rates():
+    """The diagnosis timings carry flops=0, bytes=0 and no bandwidth roof: annotating them must not fail the run's
+    saving (a KeyError there once lost a whole timed run) nor give them a rate or a roof fraction."""
+    diag = bench("golden.diagnose", "fp32", 0.5, op="diagnosis", flops=0, n_bytes=0, group="diagnosis smollm2-135m")
+    del diag["extra_info"]["bandwidth_roof_gbytes_per_s"]
+    b = [diag, bench("impl-fused", "fp32", 0.125)]
+    report.annotate(b, {"roofs": ROOFS})
+    assert not {"gflops", "roofline_fraction", "bound"} & set(b[0]["extra_info"])
+    assert b[1]["extra_info"]["roofline_fraction"] == pytest.approx(0.8)
+
+
 def test_roof_beaten_is_a_violation_never_clamped():
     b = [bench("impl-fused", "fp32", 0.05), bench("hf", "fp32", 0.2)]  # 200% and 50% of the roof
     report.annotate(b, {"roofs": ROOFS})
