@@ -153,6 +153,7 @@ def markdown(data: dict) -> str:
     lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only), tokens/s for `generate`. Hot: "
               "impl-fused for blocks and layers, impl for whole models. Roof: the block's FLOPs at the machine's "
               "best GEMM rate, or its bytes at the read rate, whichever takes longer.", ""]
+    lines += diagnosis_markdown(benchmarks)
     lines += targets_markdown(benchmarks, info)
     violations = report.roof_violations(benchmarks)
     if violations:
@@ -160,8 +161,21 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnosis_markdown(benchmarks: list[dict]) -> list[str]:
+    """The diagnosis timings (benchmarks/test_diagnosis.py): seconds per diagnosed failure, not a kernel."""
+    rows = sorted((b for b in benchmarks if b["extra_info"].get("op") == "diagnosis"),
+                  key=lambda b: (b["extra_info"]["bug"], b["extra_info"]["dtype"]))
+    if not rows:
+        return []
+    lines = ["Diagnosis of the first failing stage (`golden.diagnose.diagnose`, SmolLM2-135M), seconds:", "",
+             "| bug | dtype | stage | seconds |", "|---|---|---|---|"]
+    lines += [f"| {b['extra_info']['bug']} | {b['extra_info']['dtype']} | `{b['extra_info']['stage']}` | "
+              f"{b['stats'][report.STAT]:.2f} |" for b in rows]
+    return lines + [""]
+
+
 def _group_order(group: str) -> tuple:
-    op, model, shape = group.split()
+    op, model, shape = (group.split() + ["", ""])[:3]
     ops = ("attention", "ffn", "layer", "forward", "generate")
     return (ops.index(op) if op in ops else 9, model, SHAPE_ORDER.index(shape) if shape in SHAPE_ORDER else 99)
 
@@ -172,7 +186,8 @@ def chart(data: dict, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benchmarks = [b for b in data["benchmarks"] if b["extra_info"]["op"] != "generate"]  # tokens/s: in the table
+    # kernels only: generate (tokens/s) and diagnosis (seconds) are in the table
+    benchmarks = [b for b in data["benchmarks"] if "gflops" in b["extra_info"] and b["extra_info"]["op"] != "generate"]
     panels = sorted({(b["extra_info"]["op"], b["extra_info"]["model"]) for b in benchmarks})
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
     for ax, (op, model_name) in zip(axes[:, 0], panels, strict=True):

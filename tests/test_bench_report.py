@@ -39,6 +39,19 @@ def test_annotate_leaves_rows_that_are_not_kernels_without_rates():
     assert b[1]["extra_info"]["roofline_fraction"] == pytest.approx(0.8)
 
 
+def test_chart_renders_a_run_with_diagnosis_timings(tmp_path):
+    import json
+
+    diag = bench("golden.diagnose", "fp32", 0.5, op="diagnosis", flops=0, n_bytes=0, group="diagnosis smollm2-135m")
+    diag["extra_info"].update(bug="rope-theta", stage="layers.0.q_rope")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"benchmarks": [diag, bench("impl-fused", "fp32", 0.125), bench("hf", "fp32", 0.2)],
+                                "machine_info": {"roofs": ROOFS, "torch": {}}, "datetime": "x"}))
+    out = tmp_path / "results.md"
+    assert chart.main([str(path), "--markdown", str(out), "--png", str(tmp_path / "chart.png")]) == 0
+    assert "| rope-theta | fp32 | `layers.0.q_rope` | 0.50 |" in out.read_text()
+
+
 def test_roof_beaten_is_a_violation_never_clamped():
     b = [bench("impl-fused", "fp32", 0.05), bench("hf", "fp32", 0.2)]  # 200% and 50% of the roof
     report.annotate(b, {"roofs": ROOFS})
