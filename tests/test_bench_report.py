@@ -207,6 +207,16 @@ def test_markdown_reports_roofs_engines_and_every_target_row(tmp_path):
     assert "NOT A TRUSTWORTHY RUN" not in text
 
 
+@pytest.mark.parametrize(("bf16_theoretical", "says"), [(665.0, False), (200.0, True)],
+                         ids=["under-theoretical", "beats-theoretical"])
+def test_markdown_says_when_a_measured_peak_beats_the_reported_clocks_theoretical(bf16_theoretical, says):
+    b, info = run()
+    info["roofs"] = {**ROOFS, "theoretical": {"fp32": 332.0, "bf16": bf16_theoretical, "how": "2.60 GHz"}}
+    text = chart.markdown({"benchmarks": b, "machine_info": info, "datetime": "x"})
+    assert ("The measured bf16 peak beats this: the cores run faster than the reported clock" in text) is says
+    assert ("by at least 1.50x" in text) is says  # 300 measured / 200
+
+
 @pytest.mark.parametrize("share", [0.81, None], ids=["loaded", "unknown"])
 def test_markdown_says_a_shared_machine_run_is_not_trustworthy(share):
     b, info = run()

@@ -110,6 +110,34 @@ def test_table_of_another_cpu_is_not_used(cache, monkeypatch):
     assert engines.table()["timings"]["fp32"]["long"].get("numpy") != 1e-9
 
 
+def test_table_timed_the_old_way_is_measured_again(cache):
+    """A table cached before products were timed between torch's parallel ops (no "method") chose numpy's BLAS
+    where it loses inside the forward: it is not used."""
+    path = engines.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"identity": engines.identity(), "timings": table(fp32__long__numpy=1e-9)}))
+    data = engines.table()
+    assert data["timings"]["fp32"]["long"].get("numpy") != 1e-9
+    assert json.loads(path.read_text())["method"] == engines.METHOD
+
+
+def test_measure_times_each_product_between_torch_parallel_ops(cache, monkeypatch):
+    """The hand-over of the cores between an engine's thread pool and torch's is part of an engine's time."""
+    calls = []
+    monkeypatch.setattr(engines, "torch_parallel_op", lambda: lambda: calls.append("between"))
+    timings = engines.measure((256, 64), repeats=2)
+    timed = sum(t is not None for d in timings.values() for row in d.values() for t in row.values())
+    assert timed >= 3 * len(engines.ROW_CLASSES)  # torch at least, in each dtype and class
+    assert len(calls) >= 3 * timed  # after each of a product's warm-up and two timed calls (plus the op's own timing)
+
+
+def test_in_the_forward_takes_off_the_ops_own_time():
+    import time
+
+    t = engines.in_the_forward(lambda: time.sleep(0.02), lambda: time.sleep(0.01), 0.01, repeats=2)
+    assert 0.015 < t < 0.04
+
+
 def test_table_corrupt_cache_is_measured_again(cache):
     path = engines.cache_file()
     path.parent.mkdir(parents=True)
@@ -130,7 +158,7 @@ def test_cli_engines_prints_the_cached_choice(cache, monkeypatch, capsys):
     monkeypatch.delenv(engines.ENV, raising=False)
     path = engines.cache_file()
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"identity": engines.identity(), "measured_at": "then",
+    path.write_text(json.dumps({"identity": engines.identity(), "measured_at": "then", "method": engines.METHOD,
                                 "timings": table(fp32__long__numpy=0.5, bf16__decode__onednn_packed=0.1,
                                                  bf16__short__onednn_packed=0.1, bf16__long__onednn_packed=0.1)}))
     assert cli.main(["engines"]) == 0
