@@ -23,12 +23,13 @@ from impl.config import PRESETS, ModelConfig
 from impl.layout import DTYPES, interleaved_to_rotate_half, permute_qk
 
 MODELS = ("llama-3-8b", "smollm2-135m")
+# impl's fast path on prepare_for_generation's weights (`impl-generate`: what `impl generate` holds, packed where
+# that is faster here; the targets' "hot" variant), on fused plain weights (`impl-fused`: a checking process's
+# layout, which the reference forward also reads) and on plain ones (`impl`), beside transformers' modules.
 IMPLEMENTATIONS = {
-    "attention": ("impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa"),
-    "ffn": ("impl-fused", "impl", "walkthrough", "hf"),
-    # the whole decoder layer: impl's block on fused weights (a checking process's layout) and on
-    # prepare_for_generation's (what `impl generate` holds: packed where that is faster here) vs LlamaDecoderLayer
-    "layer": ("impl-fused", "impl-generate", "hf-eager", "hf-sdpa"),
+    "attention": ("impl-generate", "impl-fused", "impl", "walkthrough", "hf-eager", "hf-sdpa"),
+    "ffn": ("impl-generate", "impl-fused", "impl", "walkthrough", "hf"),
+    "layer": ("impl-generate", "impl-fused", "hf-eager", "hf-sdpa"),
 }
 REFERENCE = {"attention": "hf-eager", "ffn": "hf", "layer": "hf-eager"}  # what every implementation is checked against
 # Relative error ||out - ref|| / ||ref|| allowed against the transformers result in the same dtype.

@@ -73,7 +73,8 @@ def roofs_markdown(info: dict) -> list[str]:
         if beaten:  # the clock /proc/cpuinfo reports is not the one the cores run at (a VM shows its base clock)
             lines.append("The measured " + " and ".join(beaten) + " peak beats this: the cores run faster than the "
                          "reported clock (a virtual machine reports its base clock, not its boost), by at least "
-                         + f"{max(roofs[d]['gflops'] / theo[d] for d in beaten):.2f}x. The measured peaks are the roofs.")
+                         + f"{max(roofs[d]['gflops'] / theo[d] for d in beaten):.2f}x. "
+                         "The measured peaks are the roofs.")
     return lines
 
 
@@ -156,7 +157,8 @@ def markdown(data: dict) -> str:
                          + f" | {roof:.1f} ({hot.get('bound', '-')}) | {frac}"
                          + f" | {hot.get('vs_best_hf', nan):.2f}x | {hot.get('bf16_speedup', nan):.2f}x |")
     lines += ["", "GFLOP/s per implementation (useful FLOPs: causal pairs only), tokens/s for `generate`. Hot: "
-              "impl-fused for blocks and layers, impl for whole models. Roof: the block's FLOPs at the machine's "
+              "impl-generate for blocks and layers (the weights `impl generate` holds), impl for whole models "
+              "(forward_fast on them). Roof: the block's FLOPs at the machine's "
               "best GEMM rate, or its bytes at the read rate, whichever takes longer.", ""]
     lines += diagnosis_markdown(benchmarks)
     lines += targets_markdown(benchmarks, info)

@@ -59,7 +59,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "other_processes_cpu_share": _other_processes_cpu_share(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-    machine_info["roofs"] = roofs.measured()
+    # the roofs the benchmarks were judged by as they ran, and a second measurement now: the higher of each
+    machine_info["roofs"] = roofs.best_of(roofs.measured(), roofs.measure())
     table = engines.table()
     machine_info["engines"] = table["timings"]
     machine_info["engines_shape"] = table.get("shape", list(engines.MEASURE_SHAPE))  # the weight's (out, in)

@@ -22,7 +22,7 @@ def bench(name, dtype, seconds, op="ffn", seq=128, past=0, flops=10e9, n_bytes=1
 
 
 def test_annotate_fraction_of_the_true_roof():
-    b = [bench("impl-fused", "fp32", 0.125)]  # 10 GFLOP at 100 GFLOP/s = 0.1 s: 80%
+    b = [bench("impl-generate", "fp32", 0.125)]  # 10 GFLOP at 100 GFLOP/s = 0.1 s: 80%
     report.annotate(b, {"roofs": ROOFS})
     assert b[0]["extra_info"]["roofline_fraction"] == pytest.approx(0.8)
     assert b[0]["extra_info"]["bound"] == "compute"
@@ -33,7 +33,7 @@ def test_annotate_leaves_rows_that_are_not_kernels_without_rates():
     saving (a KeyError there once lost a whole timed run) nor give them a rate or a roof fraction."""
     diag = bench("golden.diagnose", "fp32", 0.5, op="diagnosis", flops=0, n_bytes=0, group="diagnosis smollm2-135m")
     del diag["extra_info"]["bandwidth_roof_gbytes_per_s"]
-    b = [diag, bench("impl-fused", "fp32", 0.125)]
+    b = [diag, bench("impl-generate", "fp32", 0.125)]
     report.annotate(b, {"roofs": ROOFS})
     assert not {"gflops", "roofline_fraction", "bound"} & set(b[0]["extra_info"])
     assert b[1]["extra_info"]["roofline_fraction"] == pytest.approx(0.8)
@@ -45,25 +45,42 @@ def test_chart_renders_a_run_with_diagnosis_timings(tmp_path):
     diag = bench("golden.diagnose", "fp32", 0.5, op="diagnosis", flops=0, n_bytes=0, group="diagnosis smollm2-135m")
     diag["extra_info"].update(bug="rope-theta", stage="layers.0.q_rope")
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"benchmarks": [diag, bench("impl-fused", "fp32", 0.125), bench("hf", "fp32", 0.2)],
+    path.write_text(json.dumps({"benchmarks": [diag, bench("impl-generate", "fp32", 0.125), bench("hf", "fp32", 0.2)],
                                 "machine_info": {"roofs": ROOFS, "torch": {}}, "datetime": "x"}))
     out = tmp_path / "results.md"
     assert chart.main([str(path), "--markdown", str(out), "--png", str(tmp_path / "chart.png")]) == 0
     assert "| rope-theta | fp32 | `layers.0.q_rope` | 0.50 |" in out.read_text()
 
 
+def test_roofs_of_a_run_are_the_higher_of_its_start_and_end():
+    from benchmarks import roofs
+
+    start = {**ROOFS, "bandwidth": {**ROOFS["bandwidth"], "gbytes_per_s": 50.0}}
+    end = {**ROOFS, "fp32": {**ROOFS["fp32"], "gflops": 90.0},
+           "bandwidth": {**ROOFS["bandwidth"], "gbytes_per_s": 88.0}}
+    best = roofs.best_of(start, end)
+    assert best["bandwidth"]["gbytes_per_s"] == 88.0 and best["fp32"]["gflops"] == 100.0
+
+
+def test_annotate_judges_a_decode_block_by_the_higher_bandwidth_roof():
+    b = [bench("impl-generate", "fp32", 0.001, op="ffn", seq=1, past=512, flops=1e6, n_bytes=40e6)]
+    b[0]["extra_info"]["bandwidth_roof_gbytes_per_s"] = 50.0  # as it ran
+    report.annotate(b, {"roofs": {**ROOFS, "bandwidth": {**ROOFS["bandwidth"], "gbytes_per_s": 80.0}}})
+    assert b[0]["extra_info"]["bandwidth_fraction"] == pytest.approx(0.5)  # 40 MB at 80 GB/s in 1 ms
+
+
 def test_roof_beaten_is_a_violation_never_clamped():
-    b = [bench("impl-fused", "fp32", 0.05), bench("hf", "fp32", 0.2)]  # 200% and 50% of the roof
+    b = [bench("impl-generate", "fp32", 0.05), bench("hf", "fp32", 0.2)]  # 200% and 50% of the roof
     report.annotate(b, {"roofs": ROOFS})
     assert b[0]["extra_info"]["roofline_fraction"] == pytest.approx(2.0)
     violations = report.roof_violations(b)
-    assert len(violations) == 1 and "impl-fused" in violations[0] and "200%" in violations[0]
+    assert len(violations) == 1 and "impl-generate" in violations[0] and "200%" in violations[0]
 
 
 def test_chart_fails_the_run_on_a_beaten_roof(tmp_path, capsys):
     import json
 
-    b = [bench("impl-fused", "fp32", 0.05), bench("hf", "fp32", 0.2)]
+    b = [bench("impl-generate", "fp32", 0.05), bench("hf", "fp32", 0.2)]
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"benchmarks": b, "machine_info": {"roofs": ROOFS, "torch": {}}, "datetime": "x"}))
     assert chart.main([str(path)]) == 1
@@ -78,7 +95,7 @@ def test_bf16_goal_follows_the_machine_peaks(bf16_peak, goal):
 
 def test_short_fp32_goal_is_2x_only_where_the_best_engine_is_2x_torch():
     timings = {d: {c: {"torch": 1.0} for c in ("decode", "short", "long")} for d in ("fp32", "bf16")}
-    b = [bench("impl-fused", "fp32", 0.1, seq=17), bench("hf", "fp32", 0.15, seq=17)]
+    b = [bench("impl-generate", "fp32", 0.1, seq=17), bench("hf", "fp32", 0.15, seq=17)]
     report.annotate(b, {"roofs": ROOFS})
     assert [t.goal for t in report.targets(b, {"roofs": ROOFS, "engines": timings})] == [1.0]
     timings["fp32"]["short"]["numpy"] = 0.6  # 1.7x: the goal stays 1x
@@ -110,12 +127,12 @@ def engine_table(fp32_long=80.0, bf16_long=160.0, decode_gbs=8.0, fp32_engine="n
 
 
 def run(layer_s=(0.125, 0.1), hf_s=0.2, decode_s=1e-3, generate_s=(1.0, 2.0), engines=None):
-    """A run of one layer group at 128 tokens and one decode step (impl-fused vs hf-eager, fp32 and bf16), and
+    """A run of one layer group at 128 tokens and one decode step (impl-generate vs hf-eager, fp32 and bf16), and
     generate (impl vs hf-sdpa): seconds per call given; 10 GFLOP a prefill, 1e6 bytes a decode step."""
     b = []
     for dtype, t in zip(("fp32", "bf16"), layer_s, strict=True):
-        b += [bench("impl-fused", dtype, t, op="layer"), bench("hf-eager", dtype, hf_s, op="layer"),
-              bench("impl-fused", dtype, decode_s, op="layer", seq=1, past=512, flops=1e6),
+        b += [bench("impl-generate", dtype, t, op="layer"), bench("hf-eager", dtype, hf_s, op="layer"),
+              bench("impl-generate", dtype, decode_s, op="layer", seq=1, past=512, flops=1e6),
               bench("hf-eager", dtype, 2 * decode_s, op="layer", seq=1, past=512, flops=1e6)]
         for name, g in (("impl", generate_s[0]), ("hf-sdpa", generate_s[1])):
             gen = bench(name, dtype, g, op="generate", seq=17, group="generate smollm2-135m 17+32")
