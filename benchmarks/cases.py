@@ -87,6 +87,52 @@ def bytes_moved(op: str, shape: Shape, dtype: torch.dtype) -> int:
     return size * (weight_count(op, c) + 2 * shape.seq * c.dim + cached)
 
 
+def products(op: str, config: ModelConfig) -> list[tuple[int, int]]:
+    """The block's weight products as impl's fast path runs them (wq|wk|wv and w1|w3 stacked): (out, in) each."""
+    c = config
+    attention = [((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), (c.dim, c.n_heads * c.head_dim)]
+    ffn = [(2 * c.hidden_dim, c.dim), (c.dim, c.hidden_dim)]
+    return {"attention": attention, "ffn": ffn, "layer": attention + ffn}[op]
+
+
+@functools.cache
+def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 5) -> dict[str, float | str]:
+    """What the machine's best engines need for this block's own weight products alone (no attention core, norms,
+    RoPE or SiLU): per product the fastest correct engine impl may hold (no second copy; plain or packed), timed
+    between torch's parallel ops as in the forward (impl.engines.in_the_forward), summed. A lower bound on the
+    block's time with today's engines: where even it misses a roof target, the target is beyond the machine's
+    best engine for this block's shapes (small matrices and one-row products pay per-call costs a large GEMM
+    does not). {"seconds", "engines": the fastest engine of each product}."""
+    from impl import engines
+
+    g = torch.Generator().manual_seed(2)
+    dtype = DTYPES[dtype_name]
+    x = torch.randn(shape.seq, shape.config.dim, generator=g).to(dtype)
+    between = engines.torch_parallel_op()
+    between_s = engines.best_time(between, 10)
+    total, names = 0.0, []
+    with torch.inference_mode():
+        for out_features, in_features in products(op, shape.config):
+            w = (torch.randn(out_features, in_features, generator=g) * 0.02).to(dtype)
+            xi = x if in_features == x.shape[1] else torch.randn(shape.seq, in_features, generator=g).to(dtype)
+            exact = xi.double() @ w.double().T
+            best = (float("inf"), "")
+            for e in engines.ENGINES.values():
+                if dtype_name not in e.dtypes or e.second_copy:
+                    continue
+                try:
+                    pw = e.prepare(w) if e.prepare else w
+                    fn = functools.partial(e.matmul, xi, pw)
+                    if engines.relative_error(fn(), exact) >= engines.TOLERANCE[dtype_name]:
+                        continue
+                    best = min(best, (engines.in_the_forward(fn, between, between_s, repeats), e.name))
+                except RuntimeError:
+                    continue
+            total += best[0]
+            names.append(best[1])
+    return {"seconds": total, "engines": ",".join(names)}
+
+
 # ------------------------------------------------------------------------------------------- the layer
 def _normal(shape: tuple[int, ...], generator: torch.Generator, std: float = 0.02) -> torch.Tensor:
     return torch.randn(shape, generator=generator) * std

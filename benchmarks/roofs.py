@@ -98,7 +98,7 @@ def measure(quick: bool = False) -> dict:
     out: dict = {"cpu_model": ident["cpu_model"], "cpu_flags": ident["cpu_flags"], "threads": ident["threads"],
                  "shape": list(QUICK_SHAPE if quick else PEAK_SHAPE), "quick": quick}
     for dtype in engines.DTYPES:
-        rates = gemm_rates(dtype, QUICK_SHAPE if quick else PEAK_SHAPE, 1 if quick else 3)
+        rates = gemm_rates(dtype, QUICK_SHAPE if quick else PEAK_SHAPE, 1 if quick else 10)
         best = max(rates, key=rates.get)
         out[dtype] = {"gflops": rates[best], "engine": best, "engines": rates}
     llc = last_level_cache_bytes()

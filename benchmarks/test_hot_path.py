@@ -55,6 +55,9 @@ def run_case(benchmark, op: str, shape: cases.Shape, name: str, dtype_name: str)
     assert err < cases.TOLERANCE[dtype_name], f"{name} {op} {shape.label} {dtype_name}: relative error {err:.3g}"
     info = dict(op=op, model=shape.model, shape=shape.label, seq=shape.seq, past=shape.past, implementation=name,
                 dtype=dtype_name, flops=cases.flops(op, shape), bytes=cases.bytes_moved(op, shape, DTYPES[dtype_name]))
+    if name == "impl-generate" and not benchmark.disabled:  # the evidence for a missed roof target (report.py)
+        bound = cases.engine_bound_seconds(op, shape, dtype_name)
+        info.update(engine_bound_s=bound["seconds"], engine_bound_engines=bound["engines"])
     _record(benchmark, fn, f"{op} {shape.model} {shape.label}", info, cases.estimated_seconds(op, shape, dtype_name))
 
 

@@ -186,6 +186,42 @@ def test_missed_target_says_whether_the_best_engine_could_meet_it(what, engines,
     assert all(t.beyond.startswith(verdict) for t in missed), [t.beyond for t in missed]
 
 
+def with_engine_bound(b, seconds):
+    """The run's blocks with their own products timed at the best engines: {(dtype, decode?): seconds}."""
+    for x in b:
+        key = (x["extra_info"]["dtype"], bool(x["extra_info"]["past"]))
+        if x["extra_info"]["implementation"] == "impl-generate" and key in seconds:
+            x["extra_info"].update(engine_bound_s=seconds[key], engine_bound_engines="torch,numpy")
+    return b
+
+
+@pytest.mark.parametrize(("what", "seconds", "verdict"), [
+    # the fp32 prefill's roof time is 0.1 s (10 GFLOP at 100 GFLOP/s): products alone in 0.2 s reach 50% of it
+    (report.PREFILL_ROOF, {("fp32", False): 0.2}, "yes: the best engines on this block's own products (torch,numpy)"
+                                                  ", alone, take 200.00 ms: 50% of the roof"),
+    (report.PREFILL_ROOF, {("fp32", False): 0.11}, "no: the best engines on this block's own products (torch,numpy)"
+                                                   ", alone, take 110.00 ms: 91% of the roof"),
+    # a decode step's bytes at the bandwidth roof: 1e6 B at 10 GB/s = 0.1 ms
+    (report.DECODE_BANDWIDTH, {("fp32", True): 1e-3, ("bf16", True): 1e-3}, "yes: the best engines on this block's "
+                                                                            "own products (torch,numpy), alone, take "
+                                                                            "1.00 ms: 10% of the bandwidth roof"),
+    (report.BF16_PREFILL, {("fp32", False): 0.2, ("bf16", False): 0.15},
+     "yes: the best engines on this block's own products are 1.33x faster in bf16 than in fp32"),
+    (report.BF16_PREFILL, {("fp32", False): 0.2, ("bf16", False): 0.08},
+     "no: the best engines on this block's own products are 2.50x faster in bf16 than in fp32"),
+], ids=["roof-beyond", "roof-reachable", "decode-beyond", "bf16-beyond", "bf16-reachable"])
+def test_missed_target_is_judged_by_the_blocks_own_products_where_measured(what, seconds, verdict):
+    """The engine table's large weight says little of a small model's products: where the run timed the block's
+    own products at the best engines, that decides (and is preferred to the table)."""
+    b, info = run(layer_s=(0.25, 0.2), decode_s=2e-3, engines=engine_table(fp32_long=95.0, bf16_long=200.0,
+                                                                              decode_gbs=9.0))
+    missed = [t for t in report.targets(with_engine_bound(b, seconds), info) if t.what == what
+              and (what != report.PREFILL_ROOF or "fp32" in t.where) and (what != report.DECODE_BANDWIDTH
+                                                                           or "fp32" in t.where)]
+    assert missed and not any(t.met for t in missed)
+    assert all(t.beyond.startswith(verdict) for t in missed), [t.beyond for t in missed]
+
+
 def test_missed_decode_in_the_caches_is_not_judged_by_a_weight_beyond_them():
     b, info = run(decode_s=2e-3, engines=engine_table(decode_gbs=1.0))
     for x in b:
