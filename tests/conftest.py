@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,14 @@ TESTS = Path(__file__).resolve().parent
 GOLDEN_DATA = TESTS.parent / "golden" / "data"
 GOLDEN_MODELS = ("tiny", "tiny-varied", "tiny-scaled", "tiny-tied", "smollm2-135m")
 DTYPES = ("fp32", "bf16")
+
+
+def pytest_configure(config):
+    """A run started as a background job (`cmd &` in a script, nohup) inherits SIGINT ignored, and every CLI the
+    tests interrupt with Ctrl-C's signal would ignore it too (a held `golden record` then waited out its 300 s
+    sleep). Give this process Python's own handler back, as in a terminal: the CLIs it starts get the default."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def golden_dir(model: str, dtype: str) -> Path:

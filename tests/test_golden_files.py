@@ -221,7 +221,12 @@ def test_record_signal_leaves_the_old_golden_and_no_temp_files(tmp_path, sig, ph
     before = snapshot(out.parent)
     proc = start_slowed_record(tmp_path, out, phase)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:  # never leave a held recording behind (nor its pipes to a later test)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert (proc.returncode, err) == (code, says)
     assert snapshot(out.parent) == before  # the old golden, byte for byte; no .fp32.tmp-*/.old-*/.lock
     assert list((tmp_path / "tmp").glob("golden-hf-*")) == []  # the temp HF copy of the weights is gone
