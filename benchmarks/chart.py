@@ -98,15 +98,16 @@ def engines_markdown(info: dict) -> list[str]:
     timings = info.get("engines")
     if not timings:
         return ["No engine table in this JSON (a run from before issue 14)."]
-    n, k = report._engine_shape(info)
+    elements = report.engine_elements(info)
     names = [e for e in engines.ENGINES if any(e in timings[d][c] for d in timings for c in timings[d])]
-    lines = [f"GEMM engines (`python -m impl engines`), GFLOP/s of (rows, {k}) @ ({k}, {n}); '-' = unavailable or "
-             "wrong here; the last column: the fastest impl may hold (no second copy; plain or packed weights):", "",
+    lines = [f"GEMM engines (`python -m impl engines`), GFLOP/s of x @ w.T over its weights ({elements / 1e6:.1f} M "
+             "elements), each product between torch's parallel ops; '-' = unavailable or wrong here; the last "
+             "column: the fastest impl may hold (no second copy; plain or packed weights):", "",
              "| dtype | rows | " + " | ".join(names) + " | fastest, no second copy |", "|" + "---|" * (3 + len(names))]
     for dtype in timings:
         for rclass, row in timings[dtype].items():
             rows = engines.ROWS.get(rclass, 0)
-            cells = [f"{2 * rows * n * k / row[e] / 1e9:.1f}" if row.get(e) else "-" for e in names]
+            cells = [f"{2 * rows * elements / row[e] / 1e9:.1f}" if row.get(e) else "-" for e in names]
             best = report.best_engine(info, dtype, rclass)
             lines.append(f"| {dtype} | {rclass} ({rows}) | " + " | ".join(cells) + f" | {best[0] if best else '-'} |")
     return lines

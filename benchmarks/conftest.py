@@ -63,7 +63,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["roofs"] = roofs.best_of(roofs.measured(), roofs.measure())
     table = engines.table()
     machine_info["engines"] = table["timings"]
-    machine_info["engines_shape"] = table.get("shape", list(engines.MEASURE_SHAPE))  # the weight's (out, in)
+    machine_info["engines_elements"] = engines.weight_elements(table)  # the measured weights' elements
     machine_info["engine_pinned"] = os.environ.get(engines.ENV)
 
 

@@ -123,10 +123,13 @@ def best_engine(machine_info: dict, dtype: str, rclass: str) -> tuple[str, float
         return None
 
 
-def _engine_shape(machine_info: dict) -> tuple[int, int]:
+def engine_elements(machine_info: dict) -> int:
+    """The weight elements the run's engine table times multiply (a run of before: its one weight's)."""
     from impl import engines
 
-    return tuple(machine_info.get("engines_shape") or engines.MEASURE_SHAPE)  # (out, in) of the measured weight
+    if machine_info.get("engines_elements"):
+        return machine_info["engines_elements"]
+    return engines.weight_elements({"shape": machine_info.get("engines_shape")})
 
 
 def _best_engine_vs_torch(machine_info: dict, dtype: str, rclass: str) -> tuple[str, float] | None:
@@ -216,14 +219,14 @@ def _beyond(what: str, info: dict, machine_info: dict, goal: float, fp32_info: d
     name, seconds = best
     if engines.ENGINES[name].layout == engines.PACKED:  # a checking process holds plain weights: say so
         name += " (packed weights, as a generate-only process holds them)"
-    n, k = _engine_shape(machine_info)
+    elements = engine_elements(machine_info)
     rows = engines.ROWS[rclass]
     if what == PREFILL_ROOF:
         peak = machine_info.get("roofs", {}).get(dtype, {}).get("gflops")
-        reached = 2 * rows * n * k / seconds / 1e9 / peak if peak else float("nan")
+        reached = 2 * rows * elements / seconds / 1e9 / peak if peak else float("nan")
         where = f"{name} reaches {100 * reached:.0f}% of the {dtype} roof at {rows} rows"
     elif what == DECODE_BANDWIDTH:
-        reached = n * k * engines.DTYPES[dtype].itemsize / seconds / 1e9 / info["bandwidth_roof_gbytes_per_s"]
+        reached = elements * engines.DTYPES[dtype].itemsize / seconds / 1e9 / info["bandwidth_roof_gbytes_per_s"]
         where = f"{name} reads its weight at {100 * reached:.0f}% of this block's bandwidth roof"
     else:  # BF16_PREFILL
         fp32 = best_engine(machine_info, "fp32", rclass)

@@ -42,6 +42,11 @@ PLAIN, PACKED = "plain", "packed"
 # The measured weight: (out, in) = (8192, 2048), 64 MB in fp32 / 32 MB in bf16, beyond L2 and most L3s, as real
 # weights are. The long class at 128 rows is 4.3 GFLOP: the whole table takes a few seconds.
 MEASURE_SHAPE = (8192, 2048)
+# ...and a small one beside it, timed the same way and added in: (1536, 576) is SmolLM2-135M's w1, 3.5 MB in fp32,
+# in the caches. The cost of handing the cores between an engine's thread pool and torch's is the same for both, so
+# it is the small model's products it decides: numpy's OpenBLAS, timed on the large weight alone (even between
+# torch's ops), won at 128 rows by 10% and made a SmolLM2 fp32 layer 4x slower than torch (31 vs 134 GFLOP/s).
+SMALL_SHAPE = (1536, 576)
 TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}  # ||out - exact|| / ||exact||: bf16 rounds the output to 8 bits
 _BLOCK_ELEMENTS = 1 << 22  # bf16-via-fp32: 16 MB of fp32 weight per block
 
@@ -270,8 +275,22 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 1 (no field): products alone, which chose numpy's BLAS where it loses in the forward.
-METHOD = 2
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added. 1 (no field): products alone, which chose numpy's BLAS
+# where it loses in the forward.
+METHOD = 3
+
+
+def measure_table(repeats: int = 5) -> Timings:
+    """measure() on MEASURE_SHAPE and on SMALL_SHAPE, each engine's two times added (None where either is)."""
+    large, small = measure(MEASURE_SHAPE, repeats), measure(SMALL_SHAPE, repeats)
+    return {d: {c: {name: None if t is None or small[d][c].get(name) is None else t + small[d][c][name]
+                    for name, t in row.items()} for c, row in classes.items()} for d, classes in large.items()}
+
+
+def weight_elements(data: dict) -> int:
+    """The weights' elements a table's times multiply (both measured shapes; one for a table of before)."""
+    shapes = data.get("shapes") or [data.get("shape") or MEASURE_SHAPE]
+    return sum(n * k for n, k in shapes)
 
 
 def _valid(data: object, ident: dict[str, str]) -> bool:
@@ -294,7 +313,8 @@ def table(remeasure: bool = False) -> dict:
             data = None
         if _valid(data, ident):
             return {**data, "file": str(path)}
-    data = {"identity": ident, "timings": measure(), "shape": list(MEASURE_SHAPE), "method": METHOD,
+    data = {"identity": ident, "timings": measure_table(), "shapes": [list(MEASURE_SHAPE), list(SMALL_SHAPE)],
+            "method": METHOD,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:  # a cache that cannot be written costs the measurement next time, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -309,18 +329,20 @@ def table(remeasure: bool = False) -> dict:
 def describe(data: dict) -> str:
     """The table `python -m impl engines` prints: GFLOP/s per engine, the choice per dtype and row class."""
     ident, timings = data["identity"], data["timings"]
-    n, k = data.get("shape", MEASURE_SHAPE)
+    elements = weight_elements(data)
+    shapes = " and ".join(f"({n}, {k})" for n, k in (data.get("shapes") or [data.get("shape", MEASURE_SHAPE)]))
     lines = [f"CPU: {ident['cpu_model']}, {ident['cores']} cores, {ident['threads']} threads; "
              f"torch {ident['torch']}, numpy {ident['numpy']}",
              f"flags: {ident['cpu_flags']}",
              f"measured {data.get('measured_at', '?')}, cached in {data.get('file', '?')}",
-             f"GFLOP/s of (rows, {k}) @ ({k}, {n}), the fastest of 3; '-' = unavailable or wrong here", ""]
+             f"GFLOP/s of x @ w.T over weights {shapes} (out, in), each product between torch's parallel ops as in "
+             "the forward, the fastest of 5; '-' = unavailable or wrong here", ""]
     names = list(ENGINES)
     lines.append(f"{'dtype':5} {'rows':>12} " + " ".join(f"{name:>15}" for name in names) + "  chosen (plain)")
     for dtype in DTYPES:
         for rclass in ROW_CLASSES:
             rows, times = ROWS[rclass], timings[dtype][rclass]
-            cells = [f"{2 * rows * n * k / times[name] / 1e9:15.1f}" if times.get(name) else f"{'-':>15}"
+            cells = [f"{2 * rows * elements / times[name] / 1e9:15.1f}" if times.get(name) else f"{'-':>15}"
                      for name in names]
             lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
                          + f"  {choose(timings, dtype, rclass)}")

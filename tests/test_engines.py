@@ -88,6 +88,7 @@ def cache(tmp_path, monkeypatch):
     """An empty asset cache, a small measured shape, and no table remembered from before."""
     monkeypatch.setenv("LLAMA3_GOLDEN_CACHE", str(tmp_path))
     monkeypatch.setattr(engines, "MEASURE_SHAPE", (256, 64))
+    monkeypatch.setattr(engines, "SMALL_SHAPE", (64, 32))
     engines.table.cache_clear()
     yield tmp_path
     engines.table.cache_clear()
@@ -129,6 +130,19 @@ def test_measure_times_each_product_between_torch_parallel_ops(cache, monkeypatc
     timed = sum(t is not None for d in timings.values() for row in d.values() for t in row.values())
     assert timed >= 3 * len(engines.ROW_CLASSES)  # torch at least, in each dtype and class
     assert len(calls) >= 3 * timed  # after each of a product's warm-up and two timed calls (plus the op's own timing)
+
+
+def test_table_adds_the_small_weights_time(cache, monkeypatch):
+    """An engine that wins on the large weight but loses more on a small model's (the thread hand-over) is not
+    chosen: the table holds each engine's two times added."""
+    def fake(shape, repeats=3):
+        numpy, torch_s = (1.0, 1.2) if shape == engines.MEASURE_SHAPE else (0.5, 0.05)
+        return {d: {c: {"torch": torch_s, "numpy": numpy if d == "fp32" else None} for c in engines.ROW_CLASSES}
+                for d in engines.DTYPES}
+    monkeypatch.setattr(engines, "measure", fake)
+    timings = engines.table()["timings"]
+    assert timings["fp32"]["long"] == {"torch": pytest.approx(1.25), "numpy": pytest.approx(1.5)}
+    assert engines.choose(timings, "fp32", "long") == "torch"
 
 
 def test_in_the_forward_takes_off_the_ops_own_time():
