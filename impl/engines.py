@@ -275,9 +275,62 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added. 1 (no field): products alone, which chose numpy's BLAS
-# where it loses in the forward.
-METHOD = 3
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4: and the attention cores ("cores"). 1 (no field):
+# products alone, which chose numpy's BLAS where it loses in the forward.
+METHOD = 4
+
+
+# ================================================================ the attention core (softmax(q.k) @ v)
+CORE_ENV = "LLAMA3_GOLDEN_ATTENTION"
+CORES = ("sdpa", "matmul")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp32 for bf16), or transformers' eager
+# (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
+CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
+CORE_DECODE_KEYS = 512
+
+
+def measure_cores(repeats: int = 5) -> Timings:
+    """Seconds per attention core, dtype and row class (both CORE_SHAPES added); None where a core is wrong."""
+    from impl import model  # the cores are model math; the choice and its cache live here
+
+    g = torch.Generator().manual_seed(4)
+    out: Timings = {}
+    with torch.inference_mode():
+        for dtype, tdtype in DTYPES.items():
+            for rclass, rows in ROWS.items():
+                keys = CORE_DECODE_KEYS if rclass == "decode" else rows
+                start = keys - rows
+                total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
+                for h, kv, d in CORE_SHAPES:
+                    q = torch.randn(rows, h, d, generator=g).to(tdtype)
+                    k, v = (torch.randn(keys, kv, d, generator=g).to(tdtype) for _ in range(2))
+                    exact = model.grouped_query_attention(q.double(), k.double(), v.double(), start)
+                    for name in CORES:
+                        fn = functools.partial(model.ATTENTION_CORES[name], q, k, v, start)
+                        if total[name] is None or relative_error(fn(), exact) >= TOLERANCE[dtype]:
+                            total[name] = None
+                            continue
+                        total[name] += best_time(fn, repeats)
+                out.setdefault(dtype, {})[rclass] = total
+    return out
+
+
+def choose_core(cores: Timings, dtype: str, rclass: str) -> str:
+    """The fastest correct attention core; SDPA where nothing was measured."""
+    times = {n: t for n, t in cores.get(dtype, {}).get(rclass, {}).items() if t is not None and n in CORES}
+    return min(times, key=times.get) if times else "sdpa"
+
+
+def core_for(dtype: str, rows: int) -> str:
+    """The attention core the fast forward uses: LLAMA3_GOLDEN_ATTENTION where set, SDPA where only the GEMM engine
+    is pinned (as the test suite pins it), else the one measured fastest here."""
+    name = os.environ.get(CORE_ENV) or None
+    if name is not None:
+        if name not in CORES:
+            raise EngineError(f"{CORE_ENV}={name!r}: no such attention core; known: {', '.join(CORES)}")
+        return name
+    if pinned() is not None:
+        return "sdpa"
+    return choose_core(table().get("cores", {}), dtype, row_class(rows))
 
 
 def measure_table(repeats: int = 5) -> Timings:
@@ -314,7 +367,7 @@ def table(remeasure: bool = False) -> dict:
         if _valid(data, ident):
             return {**data, "file": str(path)}
     data = {"identity": ident, "timings": measure_table(), "shapes": [list(MEASURE_SHAPE), list(SMALL_SHAPE)],
-            "method": METHOD,
+            "cores": measure_cores(), "method": METHOD,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:  # a cache that cannot be written costs the measurement next time, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -347,4 +400,15 @@ def describe(data: dict) -> str:
             lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
                          + f"  {choose(timings, dtype, rclass)}")
         lines.append(f"{dtype}: a generate-only process holds {generation_layout(timings, dtype)} weights")
+    cores = data.get("cores") or {}
+    if cores:
+        lines += ["", "attention core, ms (heads, kv heads, head dim " + " + ".join(map(str, CORE_SHAPES))
+                  + f"; decode: one query, {CORE_DECODE_KEYS} keys)", f"{'dtype':5} {'rows':>12} "
+                  + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
+        for dtype in DTYPES:
+            for rclass in ROW_CLASSES:
+                row = cores.get(dtype, {}).get(rclass, {})
+                cells = [f"{1e3 * row[c]:15.3f}" if row.get(c) else f"{'-':>15}" for c in CORES]
+                lines.append(f"{dtype:5} {rclass + f' ({ROWS[rclass]})':>12} " + " ".join(cells)
+                             + f"  {choose_core(cores, dtype, rclass)}")
     return "\n".join(lines)

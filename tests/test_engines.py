@@ -145,6 +145,38 @@ def test_table_adds_the_small_weights_time(cache, monkeypatch):
     assert engines.choose(timings, "fp32", "long") == "torch"
 
 
+@pytest.mark.parametrize(("cores", "want"), [
+    ({"bf16": {"long": {"sdpa": 2.0, "matmul": 1.0}}}, "matmul"),
+    ({"bf16": {"long": {"sdpa": 1.0, "matmul": 2.0}}}, "sdpa"),
+    ({"bf16": {"long": {"sdpa": 1.0, "matmul": None}}}, "sdpa"),  # wrong here: never
+    ({}, "sdpa"),  # a table without cores
+], ids=["matmul-faster", "sdpa-faster", "matmul-wrong", "no-table"])
+def test_choose_core_fastest_correct(cores, want):
+    assert engines.choose_core(cores, "bf16", "long") == want
+
+
+def test_core_for_pin_and_engine_pin(monkeypatch):
+    monkeypatch.setenv(engines.CORE_ENV, "matmul")
+    assert engines.core_for("bf16", 128) == "matmul"
+    monkeypatch.delenv(engines.CORE_ENV)
+    monkeypatch.setenv(engines.ENV, "torch")  # the suite pins the GEMM engine: the core stays SDPA, as before
+    assert engines.core_for("bf16", 128) == "sdpa"
+    monkeypatch.setenv(engines.CORE_ENV, "flash")
+    with pytest.raises(engines.EngineError, match="flash"):
+        engines.core_for("bf16", 128)
+
+
+def test_measure_cores_times_both_cores_and_rejects_a_wrong_one(monkeypatch):
+    from impl import model
+
+    monkeypatch.setattr(engines, "CORE_SHAPES", ((4, 2, 8),))
+    monkeypatch.setitem(model.ATTENTION_CORES, "matmul", lambda q, k, v, s: model.grouped_query_attention_sdpa(
+        q, k, v, s) * 1.01)
+    cores = engines.measure_cores(repeats=1)
+    assert all(cores[d][c]["sdpa"] > 0 and cores[d][c]["matmul"] is None
+               for d in engines.DTYPES for c in engines.ROW_CLASSES)
+
+
 def test_in_the_forward_takes_off_the_ops_own_time():
     import time
 

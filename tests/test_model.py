@@ -98,8 +98,8 @@ def test_kv_head_mapping_groups_consecutive_heads():
     assert model.kv_head_of(8, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("attend", ["grouped_query_attention_sdpa", "grouped_query_attention"],
-                         ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("attend", ["grouped_query_attention_sdpa", "grouped_query_attention",
+                                    "grouped_query_attention_matmul"], ids=["sdpa", "explicit", "matmul"])
 def test_grouped_query_attention_equals_mha_with_repeated_kv(attend):
     q, k, v = torch.randn(SEQ, HEADS, D), torch.randn(SEQ, KV, D), torch.randn(SEQ, KV, D)
     k_rep, v_rep = k.repeat_interleave(HEADS // KV, dim=1), v.repeat_interleave(HEADS // KV, dim=1)
@@ -109,6 +109,25 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv(attend):
         s = s.masked_fill(torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1), float("-inf"))
         expected[:, h] = torch.softmax(s, -1) @ v_rep[:, h]
     torch.testing.assert_close(getattr(model, attend)(q, k, v, 0), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attend", ["grouped_query_attention_sdpa", "grouped_query_attention_matmul"],
+                         ids=["sdpa", "matmul"])
+@pytest.mark.parametrize(("q_len", "start_pos"), [(1, 6), (3, 4)], ids=["decode", "chunk-after-4"])
+def test_fast_attention_cores_equal_explicit_after_cached_keys(attend, q_len, start_pos):
+    """Queries after start_pos cached positions (a decode step, a prompt chunk): the mask starts at start_pos."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(q_len, HEADS, D, generator=g)
+    k, v = torch.randn(start_pos + q_len, KV, D, generator=g), torch.randn(start_pos + q_len, KV, D, generator=g)
+    torch.testing.assert_close(getattr(model, attend)(q, k, v, start_pos),
+                               model.grouped_query_attention(q, k, v, start_pos), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_core_gives_way_to_sdpa_where_its_scores_would_not_fit():
+    assert model.attention_core("matmul", 32, 128, 128) is model.grouped_query_attention_matmul
+    big = model.ATTENTION_MATMUL_BYTES // (4 * 32 * 8192) + 1  # queries whose (32, q, 8192) fp32 scores overflow it
+    assert model.attention_core("matmul", 32, big, 8192) is model.grouped_query_attention_sdpa
+    assert model.attention_core("sdpa", 32, 1, 1) is model.grouped_query_attention_sdpa
 
 
 def test_swiglu_matches_formula():
