@@ -113,6 +113,25 @@ def engines_markdown(info: dict) -> list[str]:
     return lines
 
 
+def cores_markdown(info: dict) -> list[str]:
+    """The run's attention cores (impl.engines.measure_cores): ms per core and row class, and impl's choice."""
+    from impl import engines
+
+    cores = info.get("attention_cores")
+    if not cores:
+        return []
+    lines = ["Attention cores (`python -m impl engines`), ms over heads x kv heads x head dim "
+             + " + ".join("x".join(map(str, s)) for s in engines.CORE_SHAPES)
+             + f" (decode: one query after {engines.CORE_DECODE_KEYS} keys); '-' = wrong here:", "",
+             "| dtype | rows | " + " | ".join(engines.CORES) + " | chosen |", "|" + "---|" * (3 + len(engines.CORES))]
+    for dtype, classes in cores.items():
+        for rclass, row in classes.items():
+            cells = [f"{1e3 * row[c]:.3f}" if row.get(c) else "-" for c in engines.CORES]
+            lines.append(f"| {dtype} | {rclass} ({engines.ROWS.get(rclass, 0)}) | " + " | ".join(cells)
+                         + f" | {engines.choose_core(cores, dtype, rclass)} |")
+    return lines + [""]
+
+
 def targets_markdown(benchmarks: list[dict], info: dict) -> list[str]:
     """Every issue-14 target as a ratio of this run's numbers: met or missed, and for a missed one whether this
     run's engine table shows it beyond the best engine impl may hold."""
@@ -137,7 +156,7 @@ def markdown(data: dict) -> str:
              "Times: the fastest round" + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
     if (warning := trust_line(info)) is not None:
         lines += [warning, ""]
-    lines += roofs_markdown(info) + [""] + engines_markdown(info) + [""]
+    lines += roofs_markdown(info) + [""] + engines_markdown(info) + [""] + cores_markdown(info)
     names = [n for n in COLOURS if any(b["extra_info"]["implementation"] == n for b in benchmarks)]
     lines += ["| block | model | shape | dtype | " + " | ".join(names) + " | roof (bound) | "
               "hot % of roof | hot vs best hf | hot bf16/fp32 |",

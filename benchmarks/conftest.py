@@ -64,6 +64,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     table = engines.table()
     machine_info["engines"] = table["timings"]
     machine_info["engines_elements"] = engines.weight_elements(table)  # the measured weights' elements
+    machine_info["attention_cores"] = table.get("cores")  # seconds per attention core, dtype and row class
     machine_info["engine_pinned"] = os.environ.get(engines.ENV)
 
 
