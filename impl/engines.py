@@ -314,6 +314,14 @@ def measure_cores(repeats: int = 5) -> Timings:
     return out
 
 
+def pinned_core() -> str | None:
+    """LLAMA3_GOLDEN_ATTENTION, checked: None when unset."""
+    name = os.environ.get(CORE_ENV) or None
+    if name is not None and name not in CORES:
+        raise EngineError(f"{CORE_ENV}={name!r}: no such attention core; known: {', '.join(CORES)}")
+    return name
+
+
 def choose_core(cores: Timings, dtype: str, rclass: str) -> str:
     """The fastest correct attention core; SDPA where nothing was measured."""
     times = {n: t for n, t in cores.get(dtype, {}).get(rclass, {}).items() if t is not None and n in CORES}
@@ -323,10 +331,8 @@ def choose_core(cores: Timings, dtype: str, rclass: str) -> str:
 def core_for(dtype: str, rows: int) -> str:
     """The attention core the fast forward uses: LLAMA3_GOLDEN_ATTENTION where set, SDPA where only the GEMM engine
     is pinned (as the test suite pins it), else the one measured fastest here."""
-    name = os.environ.get(CORE_ENV) or None
+    name = pinned_core()
     if name is not None:
-        if name not in CORES:
-            raise EngineError(f"{CORE_ENV}={name!r}: no such attention core; known: {', '.join(CORES)}")
         return name
     if pinned() is not None:
         return "sdpa"

@@ -215,6 +215,13 @@ def test_cli_engines_prints_the_cached_choice(cache, monkeypatch, capsys):
     assert "fp32: a generate-only process holds plain weights" in out
 
 
+def test_cli_engines_bad_core_pin_is_one_line_exit_2(monkeypatch, capsys):
+    monkeypatch.setenv(engines.CORE_ENV, "flash")
+    assert cli.main(["engines"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "LLAMA3_GOLDEN_ATTENTION='flash'" in err
+
+
 def test_cli_engines_bad_pin_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setenv(engines.ENV, "fastest")
     assert cli.main(["engines"]) == 2
