@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -275,9 +276,9 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4: and the attention cores ("cores"). 1 (no field):
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4, 5: and the attention cores ("cores"). 1 (no field):
 # products alone, which chose numpy's BLAS where it loses in the forward.
-METHOD = 4
+METHOD = 5
 
 
 # ================================================================ the attention core (softmax(q.k) @ v)
@@ -286,6 +287,9 @@ CORES = ("sdpa", "matmul")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp
 # (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
 CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
 CORE_DECODE_KEYS = 512
+# query rows each class is measured at, added: a long prompt at 128 and 512 (the matmul core won fp32 at 128 and lost
+# at 512 on SmolLM2's heads, where its (heads, T, T) scores outgrow the caches)
+CORE_ROWS = {"decode": (1,), "short": (17,), "long": (128, 512)}
 
 
 def measure_cores(repeats: int = 5) -> Timings:
@@ -296,11 +300,11 @@ def measure_cores(repeats: int = 5) -> Timings:
     out: Timings = {}
     with torch.inference_mode():
         for dtype, tdtype in DTYPES.items():
-            for rclass, rows in ROWS.items():
-                keys = CORE_DECODE_KEYS if rclass == "decode" else rows
-                start = keys - rows
+            for rclass in ROW_CLASSES:
                 total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
-                for h, kv, d in CORE_SHAPES:
+                for (h, kv, d), rows in itertools.product(CORE_SHAPES, CORE_ROWS[rclass]):
+                    keys = CORE_DECODE_KEYS if rclass == "decode" else rows
+                    start = keys - rows
                     q = torch.randn(rows, h, d, generator=g).to(tdtype)
                     k, v = (torch.randn(keys, kv, d, generator=g).to(tdtype) for _ in range(2))
                     exact = model.grouped_query_attention(q.double(), k.double(), v.double(), start)
@@ -409,8 +413,8 @@ def describe(data: dict) -> str:
     cores = data.get("cores") or {}
     if cores:
         lines += ["", "attention core, ms (heads, kv heads, head dim " + " + ".join(map(str, CORE_SHAPES))
-                  + f"; decode: one query, {CORE_DECODE_KEYS} keys)", f"{'dtype':5} {'rows':>12} "
-                  + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
+                  + f"; decode: one query, {CORE_DECODE_KEYS} keys; long: 128 and 512 rows)",
+                  f"{'dtype':5} {'rows':>12} " + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
         for dtype in DTYPES:
             for rclass in ROW_CLASSES:
                 row = cores.get(dtype, {}).get(rclass, {})
