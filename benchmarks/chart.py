@@ -122,13 +122,12 @@ def cores_markdown(info: dict) -> list[str]:
         return []
     lines = ["Attention cores (`python -m impl engines`), ms over heads x kv heads x head dim "
              + " + ".join("x".join(map(str, s)) for s in engines.CORE_SHAPES)
-             + f" (decode: one query after {engines.CORE_DECODE_KEYS} keys; long: 128 and 512 rows); '-' = wrong here:",
-             "",
+             + f" (decode: one query after {engines.CORE_DECODE_KEYS} keys); '-' = wrong here:", "",
              "| dtype | rows | " + " | ".join(engines.CORES) + " | chosen |", "|" + "---|" * (3 + len(engines.CORES))]
     for dtype, classes in cores.items():
         for rclass, row in classes.items():
             cells = [f"{1e3 * row[c]:.3f}" if row.get(c) else "-" for c in engines.CORES]
-            lines.append(f"| {dtype} | {rclass} ({engines.ROWS.get(rclass, 0)}) | " + " | ".join(cells)
+            lines.append(f"| {dtype} | {rclass} ({engines.CORE_ROWS.get(rclass, 0)}) | " + " | ".join(cells)
                          + f" | {engines.choose_core(cores, dtype, rclass)} |")
     return lines + [""]
 

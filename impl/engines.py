@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import os
 import platform
@@ -276,9 +275,9 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4, 5: and the attention cores ("cores"). 1 (no field):
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4-6: and the attention cores ("cores"). 1 (no field):
 # products alone, which chose numpy's BLAS where it loses in the forward.
-METHOD = 5
+METHOD = 6
 
 
 # ================================================================ the attention core (softmax(q.k) @ v)
@@ -287,9 +286,15 @@ CORES = ("sdpa", "matmul")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp
 # (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
 CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
 CORE_DECODE_KEYS = 512
-# query rows each class is measured at, added: a long prompt at 128 and 512 (the matmul core won fp32 at 128 and lost
-# at 512 on SmolLM2's heads, where its (heads, T, T) scores outgrow the caches)
-CORE_ROWS = {"decode": (1,), "short": (17,), "long": (128, 512)}
+# The core's classes of query rows and the rows each is measured at. Finer than the GEMM classes: the matmul core
+# won bf16 at 128 rows by 2.4x and fp32 by 15%, and at 512 tied bf16 and lost fp32 (its (heads, T, T) scores
+# outgrow the caches), so a prompt takes the choice measured at the nearest of 128 and 512.
+CORE_ROWS = {"decode": 1, "short": 17, "long": 128, "longer": 512}
+
+
+def core_class(rows: int) -> str:
+    """decode (1 row), short (< 128), long (< 256: nearer 128), longer (nearer 512 and beyond)."""
+    return "decode" if rows == 1 else "short" if rows < LONG_FROM else "long" if rows < 2 * LONG_FROM else "longer"
 
 
 def measure_cores(repeats: int = 5) -> Timings:
@@ -300,9 +305,9 @@ def measure_cores(repeats: int = 5) -> Timings:
     out: Timings = {}
     with torch.inference_mode():
         for dtype, tdtype in DTYPES.items():
-            for rclass in ROW_CLASSES:
+            for rclass, rows in CORE_ROWS.items():
                 total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
-                for (h, kv, d), rows in itertools.product(CORE_SHAPES, CORE_ROWS[rclass]):
+                for h, kv, d in CORE_SHAPES:
                     keys = CORE_DECODE_KEYS if rclass == "decode" else rows
                     start = keys - rows
                     q = torch.randn(rows, h, d, generator=g).to(tdtype)
@@ -340,7 +345,7 @@ def core_for(dtype: str, rows: int) -> str:
         return name
     if pinned() is not None:
         return "sdpa"
-    return choose_core(table().get("cores", {}), dtype, row_class(rows))
+    return choose_core(table().get("cores", {}), dtype, core_class(rows))
 
 
 def measure_table(repeats: int = 5) -> Timings:
@@ -413,12 +418,12 @@ def describe(data: dict) -> str:
     cores = data.get("cores") or {}
     if cores:
         lines += ["", "attention core, ms (heads, kv heads, head dim " + " + ".join(map(str, CORE_SHAPES))
-                  + f"; decode: one query, {CORE_DECODE_KEYS} keys; long: 128 and 512 rows)",
+                  + f"; decode: one query, {CORE_DECODE_KEYS} keys)",
                   f"{'dtype':5} {'rows':>12} " + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
         for dtype in DTYPES:
-            for rclass in ROW_CLASSES:
+            for rclass, rows in CORE_ROWS.items():
                 row = cores.get(dtype, {}).get(rclass, {})
                 cells = [f"{1e3 * row[c]:15.3f}" if row.get(c) else f"{'-':>15}" for c in CORES]
-                lines.append(f"{dtype:5} {rclass + f' ({ROWS[rclass]})':>12} " + " ".join(cells)
+                lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
                              + f"  {choose_core(cores, dtype, rclass)}")
     return "\n".join(lines)

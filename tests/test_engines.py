@@ -155,6 +155,12 @@ def test_choose_core_fastest_correct(cores, want):
     assert engines.choose_core(cores, "bf16", "long") == want
 
 
+@pytest.mark.parametrize(("rows", "want"), [(1, "decode"), (17, "short"), (127, "short"), (128, "long"),
+                                             (255, "long"), (256, "longer"), (8192, "longer")])
+def test_core_class_is_the_nearest_measured_rows(rows, want):
+    assert engines.core_class(rows) == want
+
+
 def test_core_for_pin_and_engine_pin(monkeypatch):
     monkeypatch.setenv(engines.CORE_ENV, "matmul")
     assert engines.core_for("bf16", 128) == "matmul"
@@ -174,7 +180,7 @@ def test_measure_cores_times_both_cores_and_rejects_a_wrong_one(monkeypatch):
         q, k, v, s) * 1.1)
     cores = engines.measure_cores(repeats=1)
     assert all(cores[d][c]["sdpa"] > 0 and cores[d][c]["matmul"] is None
-               for d in engines.DTYPES for c in engines.ROW_CLASSES)
+               for d in engines.DTYPES for c in engines.CORE_ROWS)
 
 
 def test_in_the_forward_takes_off_the_ops_own_time():
