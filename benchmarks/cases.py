@@ -115,21 +115,13 @@ def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 
         for out_features, in_features in products(op, shape.config):
             w = (torch.randn(out_features, in_features, generator=g) * 0.02).to(dtype)
             xi = x if in_features == x.shape[1] else torch.randn(shape.seq, in_features, generator=g).to(dtype)
-            exact = xi.double() @ w.double().T
-            best = (float("inf"), "")
-            for e in engines.ENGINES.values():
-                if dtype_name not in e.dtypes or e.second_copy:
-                    continue
-                try:
-                    pw = e.prepare(w) if e.prepare else w
-                    fn = functools.partial(e.matmul, xi, pw)
-                    if engines.relative_error(fn(), exact) >= engines.TOLERANCE[dtype_name]:
-                        continue
-                    best = min(best, (engines.in_the_forward(fn, between, between_s, repeats), e.name))
-                except RuntimeError:
-                    continue
-            total += best[0]
-            names.append(best[1])
+            prepared = {n: pw for n, pw in engines.prepare_all(w, dtype_name).items()
+                        if not engines.ENGINES[n].second_copy}
+            seconds = engines.time_products(xi, w, prepared, dtype_name,
+                                            lambda fn: engines.in_the_forward(fn, between, between_s, repeats))
+            t, name = min((t, n) for n, t in seconds.items() if t is not None)
+            total += t
+            names.append(name)
     return {"seconds": total, "engines": ",".join(names)}
 
 

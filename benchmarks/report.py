@@ -246,15 +246,14 @@ def targets(benchmarks: list[dict], machine_info: dict) -> list[Target]:
     by_key = {(b["group"], b["extra_info"]["implementation"], b["extra_info"]["dtype"]): b["extra_info"]
               for b in benchmarks}
 
-    def add(what: str, value: float, goal: float, info: dict, where: str) -> None:
+    def add(what: str, value: float, goal: float, info: dict, where: str, fp32: dict | None = None) -> None:
         t = Target(what, where, value, goal, tie=what in (VS_HF, GENERATE))
         if not t.met:
-            fp32 = by_key.get((group, info["implementation"], "fp32"))
             t = Target(what, where, value, goal, t.tie, _beyond(what, info, machine_info, goal, fp32))
         out.append(t)
 
     for b in benchmarks:
-        info, group = b["extra_info"], b["group"]
+        info = b["extra_info"]
         if info["implementation"] != HOT.get(info["op"]):
             continue
         where = f"{info['op']} {info['model']} {info['shape']} {info['dtype']}"
@@ -271,7 +270,8 @@ def targets(benchmarks: list[dict], machine_info: dict) -> list[Target]:
         if info["past"] > 0 and "bandwidth_fraction" in info:
             add(DECODE_BANDWIDTH, info["bandwidth_fraction"], 0.70, info, where)
         if prefill and info["dtype"] == "bf16" and "bf16_speedup" in info:
-            add(BF16_PREFILL, info["bf16_speedup"], bf16_goal, info, where)
+            add(BF16_PREFILL, info["bf16_speedup"], bf16_goal, info, where,
+                by_key.get((b["group"], info["implementation"], "fp32")))
     return out
 
 

@@ -34,20 +34,10 @@ def gemm_rates(dtype: str, shape: tuple[int, int, int] = PEAK_SHAPE, repeats: in
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, k, generator=g).to(engines.DTYPES[dtype])
     w = torch.randn(n, k, generator=g).to(engines.DTYPES[dtype])
-    exact = x.double() @ w.double().T
-    rates = {}
     with torch.inference_mode():
-        for name, e in engines.ENGINES.items():
-            if dtype not in e.dtypes:
-                continue
-            try:
-                pw = e.prepare(w) if e.prepare else w
-                if engines.relative_error(e.matmul(x, pw), exact) >= engines.TOLERANCE[dtype]:
-                    continue
-                rates[name] = 2 * rows * k * n / engines.best_time(lambda e=e, pw=pw: e.matmul(x, pw), repeats) / 1e9
-            except RuntimeError:
-                continue
-    return rates
+        seconds = engines.time_products(x, w, engines.prepare_all(w, dtype), dtype,
+                                        lambda fn: engines.best_time(fn, repeats))
+    return {name: 2 * rows * k * n / t / 1e9 for name, t in seconds.items() if t is not None}
 
 
 def last_level_cache_bytes() -> int:

@@ -132,7 +132,8 @@ def _load_file(spec: str, path: Path, option: str):
         sys.path.append(str(path.parent))
     sys.modules[name] = module  # before running it, as an import does (dataclasses look their module up there)
     try:
-        loader_spec.loader.exec_module(module)
+        with user_code():
+            loader_spec.loader.exec_module(module)
     except BaseException as e:
         del sys.modules[name]
         if isinstance(e, KeyboardInterrupt):
@@ -249,6 +250,30 @@ def _user_file(fn: Implementation) -> str | None:
     return None
 
 
+class ProcessExit(BaseException):
+    """os._exit(code) called by the user's code, raised in its place while that code runs (`user_code`): the real
+    one ends the checker at once with the user's status, and an os._exit(0) before any verdict read as success."""
+
+    def __init__(self, code: int = 0):
+        super().__init__(code)
+        self.code = code
+
+
+@contextlib.contextmanager
+def user_code() -> Iterator[None]:
+    """While the user's code runs (its import, its calls), os._exit raises ProcessExit instead of ending the run."""
+    real = os._exit
+
+    def refused(code: int = 0) -> None:
+        raise ProcessExit(code)
+
+    os._exit = refused
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
 def _where(exc: BaseException, user_file: str | None) -> str:
     """`my_llama.py:23`: the innermost frame in the user's file, else the innermost frame of all."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -270,6 +295,7 @@ def raised_where(exc: BaseException, fn) -> str:
     """What the user's callable did and where: `raised ValueError: bad shape at my_llama.py:23`, `called
     sys.exit(1) at my_llama.py:9`."""
     what = (f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+            else f"called os._exit({exc.code!r})" if isinstance(exc, ProcessExit)
             else f"raised {exc.__class__.__name__}" + (f": {_first_line(exc)}" if _first_line(exc) else ""))
     return f"{what} at {_where(exc, _user_file(fn))}"
 
@@ -380,7 +406,7 @@ def _traced_call(fn: Implementation, tokens: list[int], given, config, *, kv_len
                 raise
 
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), user_code():
             result = fn(torch.tensor(tokens, dtype=torch.long), given, config, trace, **(cached or {}))
     except KeyboardInterrupt:
         raise

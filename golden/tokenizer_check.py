@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
-from golden.check import DATA, ImplementationError, raised_where
+from golden.check import DATA, ImplementationError, ProcessExit, raised_where, user_code
 from golden.format import GoldenError
 
 EXPECTED = DATA / "tokenizer" / "llama3.json"
@@ -182,8 +182,9 @@ def special_name(token_id: int) -> str:
 def run_encode(encode: Encode, case: Case, spec: str) -> tuple[int, ...]:
     """The user's ids for one case; ImplementationError (exit 2, one line) if encode raises or returns no id list."""
     try:
-        got = encode(case.text)
-    except Exception as e:  # the user's code: anything it raises is theirs to see, in one line
+        with user_code():
+            got = encode(case.text)
+    except (Exception, SystemExit, ProcessExit) as e:  # the user's code: anything it raises or exits with, in one line
         hint = ""
         if isinstance(e, ValueError) and "disallowed special token" in str(e):
             hint = ("; the contract reads special-token text as plain text: tiktoken's encode(text, "

@@ -235,6 +235,37 @@ def in_the_forward(fn: Callable[[], object], between: Callable[[], object], betw
     return max(best_time(lambda: (fn(), between()), repeats) - between_s, 1e-9)
 
 
+def prepare_all(w: torch.Tensor, dtype: str) -> dict[str, torch.Tensor | None]:
+    """w as each engine of this dtype reads it (packed where it packs); None where that fails here."""
+    prepared: dict[str, torch.Tensor | None] = {}
+    for e in ENGINES.values():
+        if dtype in e.dtypes:
+            try:
+                prepared[e.name] = e.prepare(w) if e.prepare else w
+            except RuntimeError:  # e.g. oneDNN cannot pack bf16 without avx512bw / avx_ne_convert
+                prepared[e.name] = None
+    return prepared
+
+
+def time_products(x: torch.Tensor, w: torch.Tensor, prepared: dict[str, torch.Tensor | None], dtype: str,
+                  timer: Callable[[Callable[[], object]], float]) -> dict[str, float | None]:
+    """Seconds of each prepared engine's x @ w.T by `timer`, None where it fails or is wrong (checked once against
+    an fp64 product: a fast wrong engine is never timed)."""
+    exact = x.double() @ w.double().T
+    out: dict[str, float | None] = {}
+    for name, pw in prepared.items():
+        out[name] = None
+        if pw is None:
+            continue
+        fn = functools.partial(ENGINES[name].matmul, x, pw)
+        try:
+            if relative_error(fn(), exact) < TOLERANCE[dtype]:
+                out[name] = timer(fn)
+        except RuntimeError:
+            pass
+    return out
+
+
 def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
     """Seconds per product for every engine, dtype and row class (min of `repeats`), each timed between torch's
     own parallel ops as in the forward (`in_the_forward`); None where an engine fails or returns a wrong result.
@@ -248,28 +279,11 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
     with torch.inference_mode():
         for dtype, tdtype in DTYPES.items():
             w = w32.to(tdtype)
-            prepared = {}
-            for e in ENGINES.values():
-                if dtype in e.dtypes:
-                    try:
-                        prepared[e.name] = e.prepare(w) if e.prepare else w
-                    except RuntimeError:  # e.g. oneDNN cannot pack bf16 without avx512bw / avx_ne_convert
-                        prepared[e.name] = None
+            prepared = prepare_all(w, dtype)
             for rclass, rows in ROWS.items():
                 x = torch.randn(rows, shape[1], generator=g).to(tdtype)
-                exact = x.double() @ w.double().T
-                out.setdefault(dtype, {})[rclass] = row = {}
-                for name, pw in prepared.items():
-                    row[name] = None
-                    if pw is None:
-                        continue
-                    fn = functools.partial(ENGINES[name].matmul, x, pw)
-                    try:
-                        ok = relative_error(fn(), exact) < TOLERANCE[dtype]
-                    except RuntimeError:
-                        ok = False
-                    if ok:
-                        row[name] = in_the_forward(fn, between, between_s, repeats)
+                out.setdefault(dtype, {})[rclass] = time_products(
+                    x, w, prepared, dtype, lambda fn: in_the_forward(fn, between, between_s, repeats))
             del prepared
     return out
 

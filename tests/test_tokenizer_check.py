@@ -224,7 +224,9 @@ def test_report_without_the_vocabulary_shows_ids_and_the_fetch_command(llama3):
     (lambda t: [1.0], "returned a list holding float"),
     (lambda t: [True], "returned a list holding bool"),
     (lambda t: {}["x"], "raised KeyError: 'x' at tests/test_tokenizer_check.py:"),
-], ids=["str", "none", "floats", "bools", "raises"])
+    (lambda t: __import__("sys").exit(0), "called sys.exit(0) at tests/test_tokenizer_check.py:"),
+    (lambda t: __import__("os")._exit(0), "called os._exit(0) at tests/test_tokenizer_check.py:"),
+], ids=["str", "none", "floats", "bools", "raises", "sys-exit", "os-exit"])
 def test_encode_that_breaks_the_contract_raises_one_line(encode, says):
     with pytest.raises(ImplementationError) as e:
         tc.check_tokenizer(encode, EXPECTED, spec="mine")

@@ -121,6 +121,8 @@ SWALLOWS = ("def forward(tokens, w, cfg, trace):\n"
             "    model.forward(tokens, w, cfg, trace=trace)\n")
 EXIT_0 = "def forward(tokens, w, cfg, trace):\n    trace('tokens', tokens)\n    sys.exit(0)  # HERE\n"
 EXIT_TEXT = "def forward(tokens, w, cfg, trace):\n    sys.exit('bye')  # HERE\n"
+OS_EXIT_0 = ("def forward(tokens, w, cfg, trace):\n    trace('tokens', tokens)\n"
+             "    __import__('os')._exit(0)  # HERE\n")
 HELPER = ("def helper(x):\n    return x.no_such_thing  # HERE\n\n"
           "def forward(tokens, w, cfg, trace):\n    trace('tokens', tokens)\n    trace('embeddings', helper(w))\n")
 TORCH_ERROR = ("def forward(tokens, w, cfg, trace):\n"
@@ -152,6 +154,8 @@ ONE_LINE_ERRORS = {
     "sys-exit-0": (EXIT_0, 2, r"the implementation called sys\.exit\(0\) at \S*user_\w+\.py:{line} "
                               r"\(last stage traced: tokens\)"),
     "sys-exit-text": (EXIT_TEXT, 2, r"called sys\.exit\('bye'\) at \S*\.py:{line} \(last stage traced: none\)"),
+    "os-exit-0": (OS_EXIT_0, 2, r"the implementation called os\._exit\(0\) at \S*user_\w+\.py:{line} "
+                                r"\(last stage traced: tokens\)"),
     "raise-in-helper": (HELPER, 2, r"raised AttributeError: 'dict' object has no attribute 'no_such_thing' at "
                                    r"\S*\.py:{line} \(last stage traced: tokens\)"),
     "torch-error": (TORCH_ERROR, 2, r"raised RuntimeError: .* at \S*user_\w+\.py:{line} \(last stage traced: "
