@@ -109,7 +109,6 @@ def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 
     dtype = DTYPES[dtype_name]
     x = torch.randn(shape.seq, shape.config.dim, generator=g).to(dtype)
     between = engines.torch_parallel_op()
-    between_s = engines.best_time(between, 10)
     total, names = 0.0, []
     with torch.inference_mode():
         for out_features, in_features in products(op, shape.config):
@@ -118,7 +117,7 @@ def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 
             prepared = {n: pw for n, pw in engines.prepare_all(w, dtype_name).items()
                         if not engines.ENGINES[n].second_copy}
             seconds = engines.time_products(xi, w, prepared, dtype_name,
-                                            lambda fn: engines.in_the_forward(fn, between, between_s, repeats))
+                                            lambda fn: engines.in_the_forward(fn, between, repeats))
             t, name = min((t, n) for n, t in seconds.items() if t is not None)
             total += t
             names.append(name)

@@ -219,20 +219,29 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def torch_parallel_op() -> Callable[[], object]:
-    """A torch op that enters torch's own OpenMP parallel region (an add over 4 MB, past torch's grain size), as
-    the forward's norms, RoPE and attention do between its products."""
-    a = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1))
+    """A torch op that enters torch's own OpenMP parallel region (an add over 512 KB, 4x torch's grain size), as
+    the forward's norms, RoPE and attention do between its products. Small, so that its own time (taken off,
+    and noisy like every time on a shared machine) stays small beside a one-row product's."""
+    a = torch.randn(1 << 17, generator=torch.Generator().manual_seed(1))
     out = torch.empty_like(a)
     return functools.partial(torch.add, a, 1.0, out=out)
 
 
-def in_the_forward(fn: Callable[[], object], between: Callable[[], object], between_s: float,
-                   repeats: int) -> float:
-    """Seconds of fn as the forward runs it: each product followed by one of torch's parallel ops (whose own time
-    `between_s` is taken off). An engine with its own thread pool (numpy's OpenBLAS) pays for the hand-over of
-    the cores there: measured alone, numpy's product looked 2.7x faster than torch's at one row on an AMD EPYC,
-    and a SmolLM2 layer on it ran 25x slower than on torch (7.96 against 0.30 ms for a decode step)."""
-    return max(best_time(lambda: (fn(), between()), repeats) - between_s, 1e-9)
+def in_the_forward(fn: Callable[[], object], between: Callable[[], object], repeats: int) -> float:
+    """Seconds of fn as the forward runs it: each product followed by one of torch's parallel ops, whose own time,
+    timed in turn with the pair, is taken off. An engine with its own thread pool (numpy's OpenBLAS) pays for the
+    hand-over of the cores there: measured alone, numpy's product looked 2.7x faster than torch's at one row on an
+    AMD EPYC, and a SmolLM2 layer on it ran 25x slower than on torch (7.96 against 0.30 ms for a decode step).
+    Never below a tenth of the pair's time: the op's time taken at another moment made a 10 us product 3 ns."""
+    fn(), between()  # warm
+    pair = alone = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(), between()
+        middle = time.perf_counter()
+        between()
+        pair, alone = min(pair, middle - start), min(alone, time.perf_counter() - middle)
+    return max(pair - alone, pair / 10)
 
 
 def prepare_all(w: torch.Tensor, dtype: str) -> dict[str, torch.Tensor | None]:
@@ -274,7 +283,6 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
     g = torch.Generator().manual_seed(0)
     w32 = torch.randn(shape, generator=g) * 0.02
     between = torch_parallel_op()
-    between_s = best_time(between, 20)
     out: Timings = {}
     with torch.inference_mode():
         for dtype, tdtype in DTYPES.items():
@@ -283,26 +291,28 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
             for rclass, rows in ROWS.items():
                 x = torch.randn(rows, shape[1], generator=g).to(tdtype)
                 out.setdefault(dtype, {})[rclass] = time_products(
-                    x, w, prepared, dtype, lambda fn: in_the_forward(fn, between, between_s, repeats))
+                    x, w, prepared, dtype, lambda fn: in_the_forward(fn, between, repeats))
             del prepared
     return out
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4-6: and the attention cores ("cores"). 1 (no field):
-# products alone, which chose numpy's BLAS where it loses in the forward.
-METHOD = 6
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4-6: and the attention cores ("cores"); 7: the op's
+# own time taken in turn with each pair (it made a one-row product 3 ns), matmul cores in query blocks. 1 (no
+# field): products alone, which chose numpy's BLAS where it loses in the forward.
+METHOD = 7
 
 
 # ================================================================ the attention core (softmax(q.k) @ v)
 CORE_ENV = "LLAMA3_GOLDEN_ATTENTION"
-CORES = ("sdpa", "matmul")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp32 for bf16), or transformers' eager
+CORES = ("sdpa", "matmul-64", "matmul-128")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp32 for bf16), or
+# transformers' eager arithmetic in query blocks of 64 or 128 rows
 # (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
 CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
 CORE_DECODE_KEYS = 512
-# The core's classes of query rows and the rows each is measured at. Finer than the GEMM classes: the matmul core
-# won bf16 at 128 rows by 2.4x and fp32 by 15%, and at 512 tied bf16 and lost fp32 (its (heads, T, T) scores
-# outgrow the caches), so a prompt takes the choice measured at the nearest of 128 and 512.
+# The core's classes of query rows and the rows each is measured at. Finer than the GEMM classes: measured on an
+# AMD EPYC, the unblocked matmul core won bf16 at 128 rows by 2.4x and lost fp32 at 512 by 2x (its (heads, T, T)
+# scores outgrew the caches), so a prompt takes the choice measured at the nearest of 128 and 512.
 CORE_ROWS = {"decode": 1, "short": 17, "long": 128, "longer": 512}
 
 

@@ -155,7 +155,7 @@ GOLDEN_IDS = [f"{m}-{d}" for m, d in GOLDEN_CASES]
 # How a cache test runs: the fast forward on the loaded weights, on fuse_weights' stacked ones or on
 # prepare_for_generation's packed ones (oneDNN's layout, whatever engine is pinned), or the reference forward
 # (whose stages the goldens check elsewhere, but not its decode against a cache).
-RUNS = ("fast", "fast-fused", "fast-packed", "fast-matmul", "reference")  # fast-matmul: the matmul attention core
+RUNS = ("fast", "fast-fused", "fast-packed", "fast-matmul", "reference")  # fast-matmul: the matmul-64 attention core
 # Found by these tests: torch's CPU SDPA kernel in bf16 moved SmolLM2's last logits further from the fp32 golden
 # than the reference's explicit attention (KL 3.0e-3 against the comparator's bound 2.2e-3; the reference 1.2e-3).
 # The fast forward now runs SDPA in fp32 on bf16 inputs (grouped_query_attention_sdpa): no case is expected to fail.
@@ -184,7 +184,7 @@ def golden_model(models):
                                              model.prepare_for_generation(dict(weights), ckpt.config, engines.PACKED))
             weights = stacked[name, dtype, run]
         if run == "fast-matmul":
-            return ckpt.config, weights, functools.partial(_with_core, "matmul")
+            return ckpt.config, weights, functools.partial(_with_core, "matmul-64")
         return ckpt.config, weights, model.forward if run == "reference" else model.forward_fast
 
     return get
