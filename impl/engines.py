@@ -321,29 +321,37 @@ def core_class(rows: int) -> str:
     return "decode" if rows == 1 else "short" if rows < LONG_FROM else "long" if rows < 2 * LONG_FROM else "longer"
 
 
-def measure_cores(repeats: int = 5) -> Timings:
-    """Seconds per attention core, dtype and row class (both CORE_SHAPES added); None where a core is wrong."""
+def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, repeats: int,
+               generator: torch.Generator) -> dict[str, float | None]:
+    """Seconds of each attention core on random (rows, h, d) queries after keys - rows cached positions, (keys, kv, d)
+    keys and values; None where a core is wrong (checked once against the explicit attention in fp64)."""
     from impl import model  # the cores are model math; the choice and its cache live here
 
+    h, kv, d = heads
+    q = torch.randn(rows, h, d, generator=generator).to(DTYPES[dtype])
+    k, v = (torch.randn(keys, kv, d, generator=generator).to(DTYPES[dtype]) for _ in range(2))
+    start = keys - rows
+    exact = model.grouped_query_attention(q.double(), k.double(), v.double(), start)
+    out: dict[str, float | None] = {}
+    with torch.inference_mode():
+        for name in CORES:
+            fn = functools.partial(model.ATTENTION_CORES[name], q, k, v, start)
+            out[name] = best_time(fn, repeats) if relative_error(fn(), exact) < TOLERANCE[dtype] else None
+    return out
+
+
+def measure_cores(repeats: int = 5) -> Timings:
+    """Seconds per attention core, dtype and row class (both CORE_SHAPES added); None where a core is wrong."""
     g = torch.Generator().manual_seed(4)
     out: Timings = {}
-    with torch.inference_mode():
-        for dtype, tdtype in DTYPES.items():
-            for rclass, rows in CORE_ROWS.items():
-                total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
-                for h, kv, d in CORE_SHAPES:
-                    keys = CORE_DECODE_KEYS if rclass == "decode" else rows
-                    start = keys - rows
-                    q = torch.randn(rows, h, d, generator=g).to(tdtype)
-                    k, v = (torch.randn(keys, kv, d, generator=g).to(tdtype) for _ in range(2))
-                    exact = model.grouped_query_attention(q.double(), k.double(), v.double(), start)
-                    for name in CORES:
-                        fn = functools.partial(model.ATTENTION_CORES[name], q, k, v, start)
-                        if total[name] is None or relative_error(fn(), exact) >= TOLERANCE[dtype]:
-                            total[name] = None
-                            continue
-                        total[name] += best_time(fn, repeats)
-                out.setdefault(dtype, {})[rclass] = total
+    for dtype in DTYPES:
+        for rclass, rows in CORE_ROWS.items():
+            total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
+            for heads in CORE_SHAPES:
+                keys = CORE_DECODE_KEYS if rclass == "decode" else rows
+                for name, t in time_cores(heads, rows, keys, dtype, repeats, g).items():
+                    total[name] = None if t is None or total[name] is None else total[name] + t
+            out.setdefault(dtype, {})[rclass] = total
     return out
 
 
