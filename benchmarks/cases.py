@@ -97,19 +97,20 @@ def products(op: str, config: ModelConfig) -> list[tuple[int, int]]:
 
 @functools.cache
 def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 5) -> dict[str, float | str]:
-    """What the machine's best engines need for this block's own weight products alone (no attention core, norms,
-    RoPE or SiLU): per product the fastest correct engine impl may hold (no second copy; plain or packed), timed
-    between torch's parallel ops as in the forward (impl.engines.in_the_forward), summed. A lower bound on the
-    block's time with today's engines: where even it misses a roof target, the target is beyond the machine's
-    best engine for this block's shapes (small matrices and one-row products pay per-call costs a large GEMM
-    does not). {"seconds", "engines": the fastest engine of each product}."""
+    """What the machine's best engines need for this block's own weight products and attention core alone (no
+    norms, RoPE, SiLU or residuals): per product the fastest correct engine impl may hold (no second copy; plain
+    or packed), timed between torch's parallel ops as in the forward (impl.engines.in_the_forward), plus the
+    fastest correct attention core on the block's heads, queries and cached keys (impl.engines.time_cores),
+    summed. A lower bound on the block's time with today's engines: where even it misses a roof target, the
+    target is beyond the machine's best engines for this block's shapes (small matrices, one-row products and a
+    few small heads' attention pay per-call costs a large GEMM does not). {"seconds", "engines": the fastest
+    engine of each product, then "core <name>"}."""
     from impl import engines
 
     g = torch.Generator().manual_seed(2)
     dtype = DTYPES[dtype_name]
     x = torch.randn(shape.seq, shape.config.dim, generator=g).to(dtype)
     between = engines.torch_parallel_op()
-    between_s = engines.best_time(between, 10)
     total, names = 0.0, []
     with torch.inference_mode():
         for out_features, in_features in products(op, shape.config):
@@ -118,10 +119,17 @@ def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 
             prepared = {n: pw for n, pw in engines.prepare_all(w, dtype_name).items()
                         if not engines.ENGINES[n].second_copy}
             seconds = engines.time_products(xi, w, prepared, dtype_name,
-                                            lambda fn: engines.in_the_forward(fn, between, between_s, repeats))
+                                            lambda fn: engines.in_the_forward(fn, between, repeats))
             t, name = min((t, n) for n, t in seconds.items() if t is not None)
             total += t
             names.append(name)
+    if op in ("attention", "layer"):  # and its attention core, at the fastest correct one on this block's heads
+        c = shape.config
+        cores = engines.time_cores((c.n_heads, c.n_kv_heads, c.head_dim), shape.seq, shape.past + shape.seq,
+                                   dtype_name, repeats, g)
+        t, name = min((t, n) for n, t in cores.items() if t is not None)
+        total += t
+        names.append(f"core {name}")
     return {"seconds": total, "engines": ",".join(names)}
 
 

@@ -58,9 +58,9 @@ def roofs_markdown(info: dict) -> list[str]:
     lines = [f"CPU: {roofs['cpu_model']}, {roofs['threads']} threads. Flags: `{roofs['cpu_flags']}`", "",
              "| roof | measured | set by | every engine | theoretical |", "|---|---|---|---|---|"]
     theo = roofs.get("theoretical") or {}
-    rows, k, n = roofs["shape"]
     for dtype in ("fp32", "bf16"):
         r = roofs[dtype]
+        rows, k, n = r.get("shape", roofs["shape"])  # the shape that set it (one shape only before 2026-11-26)
         every = ", ".join(f"{name} {v:.0f}" for name, v in sorted(r["engines"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {dtype} GEMM ({rows}x{k} @ {k}x{n}) | {r['gflops']:.1f} GFLOP/s | {r['engine']} | {every} | "
                      + (f"{theo[dtype]:.0f} GFLOP/s" if dtype in theo else "not readable") + " |")
@@ -113,6 +113,25 @@ def engines_markdown(info: dict) -> list[str]:
     return lines
 
 
+def cores_markdown(info: dict) -> list[str]:
+    """The run's attention cores (impl.engines.measure_cores): ms per core and row class, and impl's choice."""
+    from impl import engines
+
+    cores = info.get("attention_cores")
+    if not cores:
+        return []
+    lines = ["Attention cores (`python -m impl engines`), ms over heads x kv heads x head dim "
+             + " + ".join("x".join(map(str, s)) for s in engines.CORE_SHAPES)
+             + f" (decode: one query after {engines.CORE_DECODE_KEYS} keys); '-' = wrong here:", "",
+             "| dtype | rows | " + " | ".join(engines.CORES) + " | chosen |", "|" + "---|" * (3 + len(engines.CORES))]
+    for dtype, classes in cores.items():
+        for rclass, row in classes.items():
+            cells = [f"{1e3 * row[c]:.3f}" if row.get(c) else "-" for c in engines.CORES]
+            lines.append(f"| {dtype} | {rclass} ({engines.CORE_ROWS.get(rclass, 0)}) | " + " | ".join(cells)
+                         + f" | {engines.choose_core(cores, dtype, rclass)} |")
+    return lines + [""]
+
+
 def targets_markdown(benchmarks: list[dict], info: dict) -> list[str]:
     """Every issue-14 target as a ratio of this run's numbers: met or missed, and for a missed one whether this
     run's engine table shows it beyond the best engine impl may hold."""
@@ -137,7 +156,7 @@ def markdown(data: dict) -> str:
              "Times: the fastest round" + (f" of {data['runs']} runs." if data.get("runs", 1) > 1 else "."), ""]
     if (warning := trust_line(info)) is not None:
         lines += [warning, ""]
-    lines += roofs_markdown(info) + [""] + engines_markdown(info) + [""]
+    lines += roofs_markdown(info) + [""] + engines_markdown(info) + [""] + cores_markdown(info)
     names = [n for n in COLOURS if any(b["extra_info"]["implementation"] == n for b in benchmarks)]
     lines += ["| block | model | shape | dtype | " + " | ".join(names) + " | roof (bound) | "
               "hot % of roof | hot vs best hf | hot bf16/fp32 |",

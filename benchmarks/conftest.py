@@ -64,6 +64,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     table = engines.table()
     machine_info["engines"] = table["timings"]
     machine_info["engines_elements"] = engines.weight_elements(table)  # the measured weights' elements
+    machine_info["attention_cores"] = table.get("cores")  # seconds per attention core, dtype and row class
     machine_info["engine_pinned"] = os.environ.get(engines.ENV)
 
 
@@ -79,3 +80,18 @@ def _other_processes_cpu_share() -> float | None:
     hz = os.sysconf("SC_CLK_TCK")
     other = (busy1 - busy0) - (_own_cpu_seconds() - own0) * hz
     return max(0.0, other / (total1 - total0))
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A regression against the saved baseline: pytest-benchmark lists the slower benchmarks, then raises, which
+    pytest prints as an internal-error traceback. Here it is one line and exit status 1 (tests failed)."""
+    from pytest_benchmark.session import PerformanceRegression
+
+    try:
+        return (yield)
+    except PerformanceRegression:
+        session.config.get_terminal_writer().line(
+            "error: performance regressed: the benchmarks listed above are more than the allowed percentage slower "
+            "than this machine type's saved baseline", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -183,7 +183,8 @@ def _own_products(what: str, info: dict, fp32_info: dict | None, goal: float) ->
     if not bound:
         return None
     engines_used = info.get("engine_bound_engines", "")
-    alone = f"the best engines on this block's own products ({engines_used}), alone, take {1e3 * bound:.2f} ms"
+    parts = "own products and attention core" if "core " in engines_used else "own products"
+    alone = f"the best engines on this block's {parts} ({engines_used}), alone, take {1e3 * bound:.2f} ms"
     if what == PREFILL_ROOF and "roofline_s" in info:
         reached = info["roofline_s"] / bound
         where = f"{alone}: {100 * reached:.0f}% of the roof"
@@ -192,7 +193,7 @@ def _own_products(what: str, info: dict, fp32_info: dict | None, goal: float) ->
         where = f"{alone}: {100 * reached:.0f}% of the bandwidth roof"
     elif what == BF16_PREFILL and fp32_info and fp32_info.get("engine_bound_s"):
         reached = fp32_info["engine_bound_s"] / bound
-        where = (f"the best engines on this block's own products are {reached:.2f}x faster in bf16 than in fp32 "
+        where = (f"the best engines on this block's {parts} are {reached:.2f}x faster in bf16 than in fp32 "
                  f"({1e3 * fp32_info['engine_bound_s']:.2f} -> {1e3 * bound:.2f} ms)")
     else:
         return None

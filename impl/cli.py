@@ -82,6 +82,7 @@ def cmd_engines(args: argparse.Namespace) -> int:
     from impl import engines
 
     pin = engines.pinned()  # a bad LLAMA3_GOLDEN_ENGINE is bad input, said before measuring anything
+    core_pin = engines.pinned_core()  # and a bad LLAMA3_GOLDEN_ATTENTION
     if pin and not args.remeasure and not engines.cache_file().is_file():
         # A pinned process never reads the table: nothing to measure for it (run unpinned, or --remeasure).
         print(f"{engines.ENV}={pin}: this process uses that engine wherever it supports the dtype (torch elsewhere); "
@@ -95,6 +96,8 @@ def cmd_engines(args: argparse.Namespace) -> int:
         if pin:
             print(f"{engines.ENV}={pin}: this process uses that engine wherever it supports the dtype "
                   "(torch elsewhere)")
+        if core_pin:
+            print(f"{engines.CORE_ENV}={core_pin}: this process uses that attention core")
     return 0
 
 

@@ -219,20 +219,29 @@ def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def torch_parallel_op() -> Callable[[], object]:
-    """A torch op that enters torch's own OpenMP parallel region (an add over 4 MB, past torch's grain size), as
-    the forward's norms, RoPE and attention do between its products."""
-    a = torch.randn(1 << 20, generator=torch.Generator().manual_seed(1))
+    """A torch op that enters torch's own OpenMP parallel region (an add over 512 KB, 4x torch's grain size), as
+    the forward's norms, RoPE and attention do between its products. Small, so that its own time (taken off,
+    and noisy like every time on a shared machine) stays small beside a one-row product's."""
+    a = torch.randn(1 << 17, generator=torch.Generator().manual_seed(1))
     out = torch.empty_like(a)
     return functools.partial(torch.add, a, 1.0, out=out)
 
 
-def in_the_forward(fn: Callable[[], object], between: Callable[[], object], between_s: float,
-                   repeats: int) -> float:
-    """Seconds of fn as the forward runs it: each product followed by one of torch's parallel ops (whose own time
-    `between_s` is taken off). An engine with its own thread pool (numpy's OpenBLAS) pays for the hand-over of
-    the cores there: measured alone, numpy's product looked 2.7x faster than torch's at one row on an AMD EPYC,
-    and a SmolLM2 layer on it ran 25x slower than on torch (7.96 against 0.30 ms for a decode step)."""
-    return max(best_time(lambda: (fn(), between()), repeats) - between_s, 1e-9)
+def in_the_forward(fn: Callable[[], object], between: Callable[[], object], repeats: int) -> float:
+    """Seconds of fn as the forward runs it: each product followed by one of torch's parallel ops, whose own time,
+    timed in turn with the pair, is taken off. An engine with its own thread pool (numpy's OpenBLAS) pays for the
+    hand-over of the cores there: measured alone, numpy's product looked 2.7x faster than torch's at one row on an
+    AMD EPYC, and a SmolLM2 layer on it ran 25x slower than on torch (7.96 against 0.30 ms for a decode step).
+    Never below a tenth of the pair's time: the op's time taken at another moment made a 10 us product 3 ns."""
+    fn(), between()  # warm
+    pair = alone = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(), between()
+        middle = time.perf_counter()
+        between()
+        pair, alone = min(pair, middle - start), min(alone, time.perf_counter() - middle)
+    return max(pair - alone, pair / 10)
 
 
 def prepare_all(w: torch.Tensor, dtype: str) -> dict[str, torch.Tensor | None]:
@@ -274,7 +283,6 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
     g = torch.Generator().manual_seed(0)
     w32 = torch.randn(shape, generator=g) * 0.02
     between = torch_parallel_op()
-    between_s = best_time(between, 20)
     out: Timings = {}
     with torch.inference_mode():
         for dtype, tdtype in DTYPES.items():
@@ -283,15 +291,93 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
             for rclass, rows in ROWS.items():
                 x = torch.randn(rows, shape[1], generator=g).to(tdtype)
                 out.setdefault(dtype, {})[rclass] = time_products(
-                    x, w, prepared, dtype, lambda fn: in_the_forward(fn, between, between_s, repeats))
+                    x, w, prepared, dtype, lambda fn: in_the_forward(fn, between, repeats))
             del prepared
     return out
 
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
-# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added. 1 (no field): products alone, which chose numpy's BLAS
-# where it loses in the forward.
-METHOD = 3
+# ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4-6: and the attention cores ("cores"); 7: the op's
+# own time taken in turn with each pair (it made a one-row product 3 ns), matmul cores in query blocks. 1 (no
+# field): products alone, which chose numpy's BLAS where it loses in the forward.
+METHOD = 7
+
+
+# ================================================================ the attention core (softmax(q.k) @ v)
+CORE_ENV = "LLAMA3_GOLDEN_ATTENTION"
+CORES = ("sdpa", "matmul-64", "matmul-128")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp32 for bf16), or
+# transformers' eager arithmetic in query blocks of 64 or 128 rows
+# (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
+CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
+CORE_DECODE_KEYS = 512
+# The core's classes of query rows and the rows each is measured at. Finer than the GEMM classes: measured on an
+# AMD EPYC, the unblocked matmul core won bf16 at 128 rows by 2.4x and lost fp32 at 512 by 2x (its (heads, T, T)
+# scores outgrew the caches), so a prompt takes the choice measured at the nearest of 128 and 512.
+CORE_ROWS = {"decode": 1, "short": 17, "long": 128, "longer": 512}
+
+
+def core_class(rows: int) -> str:
+    """decode (1 row), short (< 128), long (< 256: nearer 128), longer (nearer 512 and beyond)."""
+    return "decode" if rows == 1 else "short" if rows < LONG_FROM else "long" if rows < 2 * LONG_FROM else "longer"
+
+
+def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, repeats: int,
+               generator: torch.Generator) -> dict[str, float | None]:
+    """Seconds of each attention core on random (rows, h, d) queries after keys - rows cached positions, (keys, kv, d)
+    keys and values; None where a core is wrong (checked once against the explicit attention in fp64)."""
+    from impl import model  # the cores are model math; the choice and its cache live here
+
+    h, kv, d = heads
+    q = torch.randn(rows, h, d, generator=generator).to(DTYPES[dtype])
+    k, v = (torch.randn(keys, kv, d, generator=generator).to(DTYPES[dtype]) for _ in range(2))
+    start = keys - rows
+    exact = model.grouped_query_attention(q.double(), k.double(), v.double(), start)
+    out: dict[str, float | None] = {}
+    with torch.inference_mode():
+        for name in CORES:
+            fn = functools.partial(model.ATTENTION_CORES[name], q, k, v, start)
+            out[name] = best_time(fn, repeats) if relative_error(fn(), exact) < TOLERANCE[dtype] else None
+    return out
+
+
+def measure_cores(repeats: int = 5) -> Timings:
+    """Seconds per attention core, dtype and row class (both CORE_SHAPES added); None where a core is wrong."""
+    g = torch.Generator().manual_seed(4)
+    out: Timings = {}
+    for dtype in DTYPES:
+        for rclass, rows in CORE_ROWS.items():
+            total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
+            for heads in CORE_SHAPES:
+                keys = CORE_DECODE_KEYS if rclass == "decode" else rows
+                for name, t in time_cores(heads, rows, keys, dtype, repeats, g).items():
+                    total[name] = None if t is None or total[name] is None else total[name] + t
+            out.setdefault(dtype, {})[rclass] = total
+    return out
+
+
+def pinned_core() -> str | None:
+    """LLAMA3_GOLDEN_ATTENTION, checked: None when unset."""
+    name = os.environ.get(CORE_ENV) or None
+    if name is not None and name not in CORES:
+        raise EngineError(f"{CORE_ENV}={name!r}: no such attention core; known: {', '.join(CORES)}")
+    return name
+
+
+def choose_core(cores: Timings, dtype: str, rclass: str) -> str:
+    """The fastest correct attention core; SDPA where nothing was measured."""
+    times = {n: t for n, t in cores.get(dtype, {}).get(rclass, {}).items() if t is not None and n in CORES}
+    return min(times, key=times.get) if times else "sdpa"
+
+
+def core_for(dtype: str, rows: int) -> str:
+    """The attention core the fast forward uses: LLAMA3_GOLDEN_ATTENTION where set, SDPA where only the GEMM engine
+    is pinned (as the test suite pins it), else the one measured fastest here."""
+    name = pinned_core()
+    if name is not None:
+        return name
+    if pinned() is not None:
+        return "sdpa"
+    return choose_core(table().get("cores", {}), dtype, core_class(rows))
 
 
 def measure_table(repeats: int = 5) -> Timings:
@@ -328,7 +414,7 @@ def table(remeasure: bool = False) -> dict:
         if _valid(data, ident):
             return {**data, "file": str(path)}
     data = {"identity": ident, "timings": measure_table(), "shapes": [list(MEASURE_SHAPE), list(SMALL_SHAPE)],
-            "method": METHOD,
+            "cores": measure_cores(), "method": METHOD,
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:  # a cache that cannot be written costs the measurement next time, nothing else
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -361,4 +447,15 @@ def describe(data: dict) -> str:
             lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
                          + f"  {choose(timings, dtype, rclass)}")
         lines.append(f"{dtype}: a generate-only process holds {generation_layout(timings, dtype)} weights")
+    cores = data.get("cores") or {}
+    if cores:
+        lines += ["", "attention core, ms (heads, kv heads, head dim " + " + ".join(map(str, CORE_SHAPES))
+                  + f"; decode: one query, {CORE_DECODE_KEYS} keys)",
+                  f"{'dtype':5} {'rows':>12} " + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
+        for dtype in DTYPES:
+            for rclass, rows in CORE_ROWS.items():
+                row = cores.get(dtype, {}).get(rclass, {})
+                cells = [f"{1e3 * row[c]:15.3f}" if row.get(c) else f"{'-':>15}" for c in CORES]
+                lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
+                             + f"  {choose_core(cores, dtype, rclass)}")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ no test relies on that.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -418,6 +419,53 @@ def grouped_query_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return out[0].transpose(0, 1).to(dtype)
 
 
+def grouped_query_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int = 0,
+                                   block: int | None = None) -> torch.Tensor:
+    """grouped_query_attention as transformers' eager attention computes it, in the inputs' dtype: q.k and p@v as
+    batched products (bf16 ones accumulate in fp32), the softmax in fp32 and its probabilities rounded to q's dtype
+    once. The query heads of one kv head are stacked as rows, so k and v are never repeated.
+
+    block: queries in blocks of this many rows, each against only the keys it may see (start_pos + its last row):
+    the causal mask's upper blocks are never computed (at 512 tokens in blocks of 128, 10 of 16 score blocks) and
+    a block's scores stay in the caches. Each row's softmax is the same; only masked keys (probability 0) drop out.
+
+    q: (seq, h, d); k, v: (kv_len, kv, d) -> (seq, h, d). Holds (h, block, kv_len) fp32 scores: the fast forward
+    uses it only where they fit ATTENTION_MATMUL_BYTES and it was measured faster than SDPA (impl.engines).
+    """
+    seq = q.shape[0]
+    if block is not None and seq > block:
+        return torch.cat([grouped_query_attention_matmul(q[s:s + block], k[:start_pos + s + block],
+                                                         v[:start_pos + s + block], start_pos + s)
+                          for s in range(0, seq, block)])
+    h, d = q.shape[1:]
+    n_kv = k.shape[1]
+    qg = q.transpose(0, 1).reshape(n_kv, h // n_kv * seq, d)  # consecutive heads share a kv head: (kv, g*seq, d)
+    scores = torch.matmul(qg, k.permute(1, 2, 0)).mul_(d ** -0.5)  # (kv, g*seq, kv_len)
+    scores = scores.view(n_kv, h // n_kv, seq, -1)
+    if seq > 1:
+        scores = scores + causal_mask(seq, k.shape[0], start_pos, scores.dtype)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(n_kv, -1, k.shape[0])
+    return torch.matmul(probs, v.transpose(0, 1)).view(h, seq, d).transpose(0, 1)  # (seq, h, d)
+
+
+ATTENTION_MATMUL_BYTES = 256 << 20  # the largest fp32 score block grouped_query_attention_matmul may hold
+# The matmul core's query blocks, each a core of its own: which is fastest depends on the machine's caches and
+# heads (measured here: blocks of 64 for Llama-3-8B's fp32 heads at 512 tokens, of 128 for bf16)
+ATTENTION_QUERY_BLOCKS = {"matmul-64": 64, "matmul-128": 128}
+ATTENTION_CORES = {"sdpa": grouped_query_attention_sdpa,
+                   **{name: functools.partial(grouped_query_attention_matmul, block=block)
+                      for name, block in ATTENTION_QUERY_BLOCKS.items()}}
+
+
+def attention_core(name: str, n_heads: int, q_len: int, kv_len: int) -> Callable[..., torch.Tensor]:
+    """The chosen core, or SDPA where a matmul core's score block would not fit ATTENTION_MATMUL_BYTES (memory
+    wins)."""
+    block = ATTENTION_QUERY_BLOCKS.get(name)
+    if block is not None and 4 * n_heads * min(block, q_len) * kv_len > ATTENTION_MATMUL_BYTES:
+        return grouped_query_attention_sdpa
+    return ATTENTION_CORES[name]
+
+
 def qkv_rope(x: torch.Tensor, wqkv: torch.Tensor, n_heads: int, n_kv: int, freqs_cis: torch.Tensor,
              mm: MatMul = matmul_t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v from one matmul with wq, wk, wv stacked; RoPE on q and k in one call.
@@ -481,6 +529,7 @@ class Engines:
     feed_forward: Callable[..., torch.Tensor]  # (x, w, i, mm) -> (seq, dim)
     matmul: MatMul  # the layers' projections, in the weights' layout
     engine: str  # impl.engines' name of `matmul`'s engine
+    attention: str = "sdpa"  # the attention core's name in ATTENTION_CORES (impl.engines.core_for)
 
 
 def choose_engines(weights: Weights, rows: int = 1) -> Engines:
@@ -488,9 +537,10 @@ def choose_engines(weights: Weights, rows: int = 1) -> Engines:
     for the weights' dtype, layout and `rows` (impl.engines: decode, short or long prompt)."""
     dtype = _DTYPE_NAMES[weights["layers.0.attention.wo.weight"].dtype]  # a matrix every layout has
     engine = gemm.engine_for(dtype, rows, weights_layout(weights))
+    core = gemm.core_for(dtype, rows)
     if "layers.0.attention.wqkv.weight" in weights:
-        return Engines(qkv_rope_stacked, feed_forward_stacked, engine.matmul, engine.name)
-    return Engines(qkv_rope_separate, feed_forward_separate, engine.matmul, engine.name)
+        return Engines(qkv_rope_stacked, feed_forward_stacked, engine.matmul, engine.name, core)
+    return Engines(qkv_rope_separate, feed_forward_separate, engine.matmul, engine.name, core)
 
 
 # ---------------------------------------------------------------- the forward
@@ -500,7 +550,8 @@ def attention_fast(x: torch.Tensor, w: Weights, i: int, config: ModelConfig, fre
     q, k, v = engines.qkv_rope(x, w, i, config, freqs_cis, engines.matmul)  # (seq, h, d), (seq, kv, d) x 2
     if cache is not None:
         k, v = cache.update(i, start_pos, k, v)  # (kv_len, kv, d)
-    heads = grouped_query_attention_sdpa(q, k, v, start_pos)  # (seq, h, d)
+    attend = attention_core(engines.attention, q.shape[1], q.shape[0], k.shape[0])
+    heads = attend(q, k, v, start_pos)  # (seq, h, d)
     return engines.matmul(heads.reshape(x.shape[0], -1), w[f"layers.{i}.attention.wo.weight"])
 
 

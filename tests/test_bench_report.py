@@ -62,6 +62,23 @@ def test_roofs_of_a_run_are_the_higher_of_its_start_and_end():
     assert best["bandwidth"]["gbytes_per_s"] == 88.0 and best["fp32"]["gflops"] == 100.0
 
 
+def test_gemm_peak_is_the_fastest_engine_at_any_peak_shape(monkeypatch):
+    """A roof measured at one large shape was beaten by a block whose products stay in the caches: the peak is the
+    fastest over PEAK_SHAPES, and names the engine and shape that set it."""
+    from benchmarks import roofs
+
+    small = roofs.PEAK_SHAPES[1]
+    rates = {"fp32": {small: {"numpy": 120.0}}, "bf16": {small: {"torch": 310.0}}}
+    monkeypatch.setattr(roofs, "gemm_rates", lambda dtype, shape, repeats: {
+        "torch": 100.0, "numpy": 90.0, **rates[dtype].get(shape, {})})
+    monkeypatch.setattr(roofs, "read_rate", lambda n_bytes, repeats: (10.0, "torch.sum"))
+    measured = roofs.measure()
+    assert (measured["fp32"]["gflops"], measured["fp32"]["engine"], measured["fp32"]["shape"]) == (120.0, "numpy",
+                                                                                                list(small))
+    assert measured["fp32"]["engines"] == {"torch": 100.0, "numpy": 120.0}  # each engine at its fastest shape
+    assert (measured["bf16"]["gflops"], measured["bf16"]["engine"]) == (310.0, "torch")
+
+
 def test_annotate_judges_a_decode_block_by_the_higher_bandwidth_roof():
     b = [bench("impl-generate", "fp32", 0.001, op="ffn", seq=1, past=512, flops=1e6, n_bytes=40e6)]
     b[0]["extra_info"]["bandwidth_roof_gbytes_per_s"] = 50.0  # as it ran
@@ -301,3 +318,42 @@ def test_baseline_run_compares_with_this_machines_file(monkeypatch, tmp_path):
     monkeypatch.setattr(baseline.subprocess, "call", lambda args: calls.append(args) or 0)
     baseline.run([])
     assert f"--benchmark-compare={baseline.path_for()}" in calls[0]
+
+
+@pytest.mark.parametrize(("op", "with_core"), [("attention", True), ("layer", True), ("ffn", False)])
+def test_engine_bound_adds_the_fastest_correct_attention_core(monkeypatch, op, with_core):
+    """The evidence for a missed roof is the block's products and, where it attends, its attention core: never a
+    core that is wrong (a fast wrong core would make every target look within reach)."""
+    from benchmarks import cases
+    from impl import model
+
+    monkeypatch.setitem(model.ATTENTION_CORES, "matmul-64", lambda q, k, v, s: q * 0)  # wrong, and fastest
+    bound = cases.engine_bound_seconds.__wrapped__(op, cases.Shape("tiny", 8, 4), "fp32", repeats=1)
+    names = bound["engines"].split(",")
+    assert len(names) == len(cases.products(op, cases.Shape("tiny", 8).config)) + with_core
+    assert (names[-1] in ("core sdpa", "core matmul-128")) == with_core and bound["seconds"] > 0
+
+
+@pytest.mark.slow  # two timed runs of one benchmark (the roofs and engines are measured in each): ~40 s
+def test_regression_against_the_baseline_is_one_line_exit_1(tmp_path):
+    """pytest-benchmark raises on a regression, which pytest printed as an internal-error traceback."""
+    import json
+    import subprocess
+    import sys
+
+    case = "benchmarks/test_hot_path.py::test_attention[smollm2-135m-prefill-17-impl-generate-fp32]"
+    command = [sys.executable, "-m", "pytest", case, "-p", "no:xdist", "-p", "no:cacheprovider",
+               "--benchmark-enable", "--benchmark-max-time=0.01"]
+    first = subprocess.run([*command, f"--benchmark-json={tmp_path / 'run.json'}"], capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    for b in run["benchmarks"]:  # a baseline a million times faster than anything
+        b["stats"].update({k: v * 1e-6 for k, v in b["stats"].items() if k in ("min", "max", "mean", "median")})
+    (tmp_path / "fast.json").write_text(json.dumps(run))
+    done = subprocess.run([*command, f"--benchmark-compare={tmp_path / 'fast.json'}",
+                           "--benchmark-compare-fail=min:15%"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout + done.stderr
+    assert "Traceback" not in out
+    assert "error: performance regressed" in out and "has failed PercentageRegressionCheck" in out

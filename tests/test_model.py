@@ -1,5 +1,6 @@
 """Each stage function of impl.model against an independent formula, on small random tensors."""
 
+import functools
 import math
 
 import pytest
@@ -98,8 +99,8 @@ def test_kv_head_mapping_groups_consecutive_heads():
     assert model.kv_head_of(8, 2).tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
 
 
-@pytest.mark.parametrize("attend", ["grouped_query_attention_sdpa", "grouped_query_attention"],
-                         ids=["sdpa", "explicit"])
+@pytest.mark.parametrize("attend", ["grouped_query_attention_sdpa", "grouped_query_attention",
+                                    "grouped_query_attention_matmul"], ids=["sdpa", "explicit", "matmul"])
 def test_grouped_query_attention_equals_mha_with_repeated_kv(attend):
     q, k, v = torch.randn(SEQ, HEADS, D), torch.randn(SEQ, KV, D), torch.randn(SEQ, KV, D)
     k_rep, v_rep = k.repeat_interleave(HEADS // KV, dim=1), v.repeat_interleave(HEADS // KV, dim=1)
@@ -109,6 +110,32 @@ def test_grouped_query_attention_equals_mha_with_repeated_kv(attend):
         s = s.masked_fill(torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1), float("-inf"))
         expected[:, h] = torch.softmax(s, -1) @ v_rep[:, h]
     torch.testing.assert_close(getattr(model, attend)(q, k, v, 0), expected, rtol=1e-5, atol=1e-5)
+
+
+FAST_CORES = {**model.ATTENTION_CORES,  # and query blocks small enough to split these few queries
+              "matmul-blocks-of-2": functools.partial(model.grouped_query_attention_matmul, block=2)}
+
+
+@pytest.mark.parametrize("core", FAST_CORES)
+@pytest.mark.parametrize(("q_len", "start_pos"), [(1, 6), (3, 4), (5, 0), (5, 3)],
+                         ids=["decode", "chunk-after-4", "prompt-5", "chunk-5-after-3"])
+def test_fast_attention_cores_equal_explicit_after_cached_keys(core, q_len, start_pos):
+    """Queries after start_pos cached positions (a decode step, a prompt chunk): the mask starts at start_pos, and
+    each query block sees the keys up to its own last row."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(q_len, HEADS, D, generator=g)
+    k, v = torch.randn(start_pos + q_len, KV, D, generator=g), torch.randn(start_pos + q_len, KV, D, generator=g)
+    torch.testing.assert_close(FAST_CORES[core](q, k, v, start_pos),
+                               model.grouped_query_attention(q, k, v, start_pos), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_core_gives_way_to_sdpa_where_its_score_block_would_not_fit():
+    blocked = model.ATTENTION_CORES["matmul-128"]
+    assert model.attention_core("matmul-128", 32, 8192, 8192) is blocked  # (32, 128, 8192) fp32: 128 MB a block
+    keys = model.ATTENTION_MATMUL_BYTES // (4 * 32 * 128) + 1  # keys whose (32, 128, keys) fp32 block overflows it
+    assert model.attention_core("matmul-128", 32, 8192, keys) is model.grouped_query_attention_sdpa
+    assert model.attention_core("matmul-128", 32, 1, keys) is blocked  # one query row's scores are small
+    assert model.attention_core("sdpa", 32, 1, 1) is model.grouped_query_attention_sdpa
 
 
 def test_swiglu_matches_formula():

@@ -8,6 +8,9 @@ position's logits, the KV cache after a prefill (keys after RoPE, values), and t
 step against that cache, each within the comparator's own tolerances.
 """
 
+import functools
+import os
+
 import pytest
 import torch
 
@@ -50,16 +53,23 @@ def prepared(weights, how: str):
     return model.prepare_for_generation(dict(weights), CONFIG)  # packed when the pinned engine is a packed one
 
 
+@pytest.fixture(params=engines.CORES)
+def core(request, monkeypatch):
+    """The attention core pinned for this test (LLAMA3_GOLDEN_ATTENTION)."""
+    monkeypatch.setenv(engines.CORE_ENV, request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("how", PREPARATIONS)
-def test_fastpath_prefill_logits_equal_traced(weights, engine, how):
+def test_fastpath_prefill_logits_equal_traced(weights, engine, core, how):
     dtype = weights["norm.weight"].dtype
     got = model.forward_fast(TOKENS, prepared(weights, how), CONFIG)
     torch.testing.assert_close(got, traced_logits(weights), **TOL[dtype],
-                               msg=lambda m: f"{dtype} {engine} {how} fast path: {m}")
+                               msg=lambda m: f"{dtype} {engine} {core} {how} fast path: {m}")
 
 
 @pytest.mark.parametrize("how", PREPARATIONS)
-def test_fastpath_decode_with_cache_equals_traced(weights, engine, how):
+def test_fastpath_decode_with_cache_equals_traced(weights, engine, core, how):
     dtype = weights["norm.weight"].dtype
     w = prepared(weights, how)
     cache = model.KVCache.empty(CONFIG, 32, dtype)
@@ -67,16 +77,16 @@ def test_fastpath_decode_with_cache_equals_traced(weights, engine, how):
     model.forward_fast(TOKENS[-2:-1], w, CONFIG, start_pos=len(TOKENS) - 2, cache=cache)
     last = model.forward_fast(TOKENS[-1:], w, CONFIG, start_pos=len(TOKENS) - 1, cache=cache, all_logits=False)
     torch.testing.assert_close(last, traced_logits(weights)[-1], **TOL[dtype],
-                               msg=lambda m: f"{dtype} {engine} {how} decode step: {m}")
+                               msg=lambda m: f"{dtype} {engine} {core} {how} decode step: {m}")
 
 
-def test_fastpath_long_prompt_logits_equal_traced(weights, engine):
+def test_fastpath_long_prompt_logits_equal_traced(weights, engine, core):
     """160 tokens: the long-prompt row class, where another engine may be the fastest."""
     dtype = weights["norm.weight"].dtype
     tokens = torch.randint(0, CONFIG.vocab_size, (160,), generator=torch.Generator().manual_seed(2))
     got = model.forward_fast(tokens, prepared(weights, "generation"), CONFIG)
     torch.testing.assert_close(got, traced_logits(weights, tokens), **TOL[dtype],
-                               msg=lambda m: f"{dtype} {engine}: {m}")
+                               msg=lambda m: f"{dtype} {engine} {core}: {m}")
 
 
 def test_choose_engines_runs_the_pinned_engine(weights, engine):
@@ -145,7 +155,7 @@ GOLDEN_IDS = [f"{m}-{d}" for m, d in GOLDEN_CASES]
 # How a cache test runs: the fast forward on the loaded weights, on fuse_weights' stacked ones or on
 # prepare_for_generation's packed ones (oneDNN's layout, whatever engine is pinned), or the reference forward
 # (whose stages the goldens check elsewhere, but not its decode against a cache).
-RUNS = ("fast", "fast-fused", "fast-packed", "reference")
+RUNS = ("fast", "fast-fused", "fast-packed", "fast-matmul", "reference")  # fast-matmul: the matmul-64 attention core
 # Found by these tests: torch's CPU SDPA kernel in bf16 moved SmolLM2's last logits further from the fp32 golden
 # than the reference's explicit attention (KL 3.0e-3 against the comparator's bound 2.2e-3; the reference 1.2e-3).
 # The fast forward now runs SDPA in fp32 on bf16 inputs (grouped_query_attention_sdpa): no case is expected to fail.
@@ -157,7 +167,7 @@ def golden_runs(runs):
     runs (`fast`, `fast-packed`), its `fast-fused` and `reference` runs are `slow`."""
     for (name, dtype), case_id in zip(GOLDEN_CASES, GOLDEN_IDS, strict=True):
         for run in runs:
-            slow = name == "smollm2-135m" and run in ("fast-fused", "reference")
+            slow = name == "smollm2-135m" and run in ("fast-fused", "reference", "fast-matmul")
             yield pytest.param(name, dtype, run, id=f"{case_id}-{run}", marks=[pytest.mark.slow] if slow else [])
 
 
@@ -173,9 +183,24 @@ def golden_model(models):
                 stacked[name, dtype, run] = (model.fuse_weights(weights, ckpt.config) if run == "fast-fused" else
                                              model.prepare_for_generation(dict(weights), ckpt.config, engines.PACKED))
             weights = stacked[name, dtype, run]
+        if run == "fast-matmul":
+            return ckpt.config, weights, functools.partial(_with_core, "matmul-64")
         return ckpt.config, weights, model.forward if run == "reference" else model.forward_fast
 
     return get
+
+
+def _with_core(core: str, *args, **kwargs):
+    """forward_fast with LLAMA3_GOLDEN_ATTENTION=core for this one call."""
+    before = os.environ.get(engines.CORE_ENV)
+    os.environ[engines.CORE_ENV] = core
+    try:
+        return model.forward_fast(*args, **kwargs)
+    finally:
+        if before is None:
+            del os.environ[engines.CORE_ENV]
+        else:
+            os.environ[engines.CORE_ENV] = before
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +230,7 @@ def _assert_passes(report: compare.Report, what: str, known_kl_gap: bool = False
     assert report.logits.ok, f"{what}: {report.logits}"
 
 
-@pytest.mark.parametrize(("name", "dtype", "run"), list(golden_runs(RUNS[:3])))
+@pytest.mark.parametrize(("name", "dtype", "run"), list(golden_runs(RUNS[:4])))
 def test_fast_forward_last_logits_pass_the_golden(goldens, golden_model, judge, name, dtype, run):
     config, weights, forward = golden_model(name, dtype, run)
     logits = forward(torch.tensor(goldens(name, dtype).tokens), weights, config, all_logits=False)  # (vocab,)
