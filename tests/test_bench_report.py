@@ -338,21 +338,24 @@ def test_engine_bound_adds_the_fastest_correct_attention_core(monkeypatch, op, w
 def test_regression_against_the_baseline_is_one_line_exit_1(tmp_path):
     """pytest-benchmark raises on a regression, which pytest printed as an internal-error traceback."""
     import json
+    import os
     import subprocess
     import sys
 
     case = "benchmarks/test_hot_path.py::test_attention[smollm2-135m-prefill-17-impl-generate-fp32]"
     command = [sys.executable, "-m", "pytest", case, "-p", "no:xdist", "-p", "no:cacheprovider",
                "--benchmark-enable", "--benchmark-max-time=0.01"]
+    # a fresh session, not an xdist worker's child: pytest-benchmark times nothing where PYTEST_XDIST_WORKER is set
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     first = subprocess.run([*command, f"--benchmark-json={tmp_path / 'run.json'}"], capture_output=True, text=True,
-                           timeout=300)
+                           timeout=300, env=env)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     run = json.loads((tmp_path / "run.json").read_text())
     for b in run["benchmarks"]:  # a baseline a million times faster than anything
         b["stats"].update({k: v * 1e-6 for k, v in b["stats"].items() if k in ("min", "max", "mean", "median")})
     (tmp_path / "fast.json").write_text(json.dumps(run))
     done = subprocess.run([*command, f"--benchmark-compare={tmp_path / 'fast.json'}",
-                           "--benchmark-compare-fail=min:15%"], capture_output=True, text=True, timeout=300)
+                           "--benchmark-compare-fail=min:15%"], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     out = done.stdout + done.stderr
     assert "Traceback" not in out
