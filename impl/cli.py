@@ -38,6 +38,7 @@ DTYPE_NAMES = ("bf16", "fp32")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from impl import engines
     from impl.errors import PromptError, check_prompt
     from impl.generate import generate
     from impl.layout import DTYPES
@@ -46,6 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from impl.weights import load_checkpoint
 
     check_prompt(args.prompt.strip())  # before loading anything: only emptiness can be told from text
+    engines.pinned(), engines.pinned_core()  # a bad LLAMA3_GOLDEN_ENGINE / _ATTENTION, before the prompt is echoed
     if args.max_new_tokens < 1:
         raise PromptError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
     ckpt = load_checkpoint(args.model, dtype=DTYPES[args.dtype])

@@ -233,6 +233,15 @@ def test_cli_engines_prints_the_cached_choice(cache, monkeypatch, capsys):
     assert "fp32: a generate-only process holds plain weights" in out
 
 
+@pytest.mark.parametrize("env", [engines.ENV, engines.CORE_ENV])
+def test_cli_generate_bad_pin_is_one_line_before_anything_else(monkeypatch, capsys, env):
+    """Said before the checkpoint is read or the prompt echoed (the prompt was printed, then the error after it)."""
+    monkeypatch.setenv(env, "bogus")
+    assert cli.main(["generate", "--model", "/nonexistent/model", "--prompt", "Hello"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and f"{env}='bogus'" in err
+
+
 def test_cli_engines_bad_core_pin_is_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setenv(engines.CORE_ENV, "flash")
     assert cli.main(["engines"]) == 2
