@@ -92,7 +92,7 @@ def measure(quick: bool = False) -> dict:
     ident = engines.identity()
     shapes = (QUICK_SHAPE,) if quick else PEAK_SHAPES
     out: dict = {"cpu_model": ident["cpu_model"], "cpu_flags": ident["cpu_flags"], "threads": ident["threads"],
-                 "shape": list(shapes[0]), "shapes": [list(s) for s in shapes], "quick": quick}
+                 "shapes": [list(s) for s in shapes], "quick": quick}
     for dtype in engines.DTYPES:
         best: dict[str, tuple[float, tuple[int, int, int]]] = {}  # engine -> its fastest (GFLOP/s, shape)
         for shape in shapes:

@@ -321,6 +321,11 @@ def core_class(rows: int) -> str:
     return "decode" if rows == 1 else "short" if rows < LONG_FROM else "long" if rows < 2 * LONG_FROM else "longer"
 
 
+def _added(a: float | None, b: float | None) -> float | None:
+    """Two times of one engine or core added; None (wrong or unavailable) where either is."""
+    return None if a is None or b is None else a + b
+
+
 def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, repeats: int,
                generator: torch.Generator) -> dict[str, float | None]:
     """Seconds of each attention core on random (rows, h, d) queries after keys - rows cached positions, (keys, kv, d)
@@ -350,7 +355,7 @@ def measure_cores(repeats: int = 5) -> Timings:
             for heads in CORE_SHAPES:
                 keys = CORE_DECODE_KEYS if rclass == "decode" else rows
                 for name, t in time_cores(heads, rows, keys, dtype, repeats, g).items():
-                    total[name] = None if t is None or total[name] is None else total[name] + t
+                    total[name] = _added(total[name], t)
             out.setdefault(dtype, {})[rclass] = total
     return out
 
@@ -383,8 +388,8 @@ def core_for(dtype: str, rows: int) -> str:
 def measure_table(repeats: int = 5) -> Timings:
     """measure() on MEASURE_SHAPE and on SMALL_SHAPE, each engine's two times added (None where either is)."""
     large, small = measure(MEASURE_SHAPE, repeats), measure(SMALL_SHAPE, repeats)
-    return {d: {c: {name: None if t is None or small[d][c].get(name) is None else t + small[d][c][name]
-                    for name, t in row.items()} for c, row in classes.items()} for d, classes in large.items()}
+    return {d: {c: {name: _added(t, small[d][c].get(name)) for name, t in row.items()}
+                for c, row in classes.items()} for d, classes in large.items()}
 
 
 def weight_elements(data: dict) -> int:
