@@ -194,7 +194,7 @@ def _impl(op: str, shape: Shape, dtype_name: str, prepared: str = "plain") -> Ca
     c, inp = shape.config, inputs(shape, dtype_name)
     w = {"plain": layer_weights, "fused": fused_weights, "generate": generation_weights}[prepared](
         shape.model, dtype_name)
-    engines = model.choose_engines(w, shape.seq)  # stacked or not, and the GEMM engine measured fastest here
+    engines = model.choose_engines(w, c, shape.seq)  # stacked or not, and the GEMM engine measured fastest here
     if op == "ffn":
         return lambda: engines.feed_forward(inp.x, w, 0, engines.matmul)
     freqs_cis = model.precompute_freqs_cis(c, shape.seq, shape.past)

@@ -114,21 +114,25 @@ def engines_markdown(info: dict) -> list[str]:
 
 
 def cores_markdown(info: dict) -> list[str]:
-    """The run's attention cores (impl.engines.measure_cores): ms per core and row class, and impl's choice."""
+    """The run's attention cores (impl.engines.measure_cores): ms per core and row class on each measured head
+    shape, and impl's choice there. A run of before (METHOD < 8) holds one table over both head shapes added."""
     from impl import engines
 
     cores = info.get("attention_cores")
     if not cores:
         return []
-    lines = ["Attention cores (`python -m impl engines`), ms over heads x kv heads x head dim "
-             + " + ".join("x".join(map(str, s)) for s in engines.CORE_SHAPES)
-             + f" (decode: one query after {engines.CORE_DECODE_KEYS} keys); '-' = wrong here:", "",
-             "| dtype | rows | " + " | ".join(engines.CORES) + " | chosen |", "|" + "---|" * (3 + len(engines.CORES))]
-    for dtype, classes in cores.items():
-        for rclass, row in classes.items():
-            cells = [f"{1e3 * row[c]:.3f}" if row.get(c) else "-" for c in engines.CORES]
-            lines.append(f"| {dtype} | {rclass} ({engines.CORE_ROWS.get(rclass, 0)}) | " + " | ".join(cells)
-                         + f" | {engines.choose_core(cores, dtype, rclass)} |")
+    if set(cores) & set(engines.DTYPES):  # the table of before: every head shape added
+        cores = {" + ".join(engines.heads_key(s) for s in engines.CORE_SHAPES): cores}
+    lines = ["Attention cores (`python -m impl engines`), ms on heads x kv heads x head dim "
+             f"(decode: one query after {engines.CORE_DECODE_KEYS} keys); '-' = wrong here:", "",
+             "| heads | dtype | rows | " + " | ".join(engines.CORES) + " | chosen |",
+             "|" + "---|" * (4 + len(engines.CORES))]
+    for heads, timings in cores.items():
+        for dtype, classes in timings.items():
+            for rclass, row in classes.items():
+                cells = [f"{1e3 * row[c]:.3f}" if row.get(c) else "-" for c in engines.CORES]
+                lines.append(f"| {heads} | {dtype} | {rclass} ({engines.CORE_ROWS.get(rclass, 0)}) | "
+                             + " | ".join(cells) + f" | {engines.choose_core(timings, dtype, rclass)} |")
     return lines + [""]
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -298,16 +300,19 @@ def measure(shape: tuple[int, int] | None = None, repeats: int = 3) -> Timings:
 
 # How `measure` times: a cached table timed another way is measured again. 2: products between torch's parallel
 # ops (`in_the_forward`); 3: and on SMALL_SHAPE too, added; 4-6: and the attention cores ("cores"); 7: the op's
-# own time taken in turn with each pair (it made a one-row product 3 ns), matmul cores in query blocks. 1 (no
-# field): products alone, which chose numpy's BLAS where it loses in the forward.
-METHOD = 7
+# own time taken in turn with each pair (it made a one-row product 3 ns), matmul cores in query blocks; 8: the
+# cores per head shape, not added over both. 1 (no field): products alone, which chose numpy's BLAS where it loses
+# in the forward.
+METHOD = 8
 
 
 # ================================================================ the attention core (softmax(q.k) @ v)
 CORE_ENV = "LLAMA3_GOLDEN_ATTENTION"
 CORES = ("sdpa", "matmul-64", "matmul-128")  # impl.model.ATTENTION_CORES: torch's fused SDPA (fp32 for bf16), or
 # transformers' eager arithmetic in query blocks of 64 or 128 rows
-# (heads, kv heads, head dim) it is measured on, added: SmolLM2-135M's and Llama-3-8B's; a decode step reads 512 keys
+# (heads, kv heads, head dim) each measured on, apart: SmolLM2-135M's and Llama-3-8B's (a decode step reads 512 keys).
+# Which core wins depends on the heads too: on an AMD EPYC at 128 fp32 rows SDPA took 0.25 ms on SmolLM2's heads
+# against blocks of 64's 0.31, and 1.7 ms on the 8B's against their 1.3 (their sum chose blocks of 64 for both).
 CORE_SHAPES = ((9, 3, 64), (32, 8, 128))
 CORE_DECODE_KEYS = 512
 # The core's classes of query rows and the rows each is measured at. Finer than the GEMM classes: measured on an
@@ -345,19 +350,38 @@ def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, re
     return out
 
 
-def measure_cores(repeats: int = 5) -> Timings:
-    """Seconds per attention core, dtype and row class (both CORE_SHAPES added); None where a core is wrong."""
+Heads = tuple[int, int, int]  # (heads, kv heads, head dim)
+
+
+def heads_key(heads: Heads) -> str:
+    """(9, 3, 64) -> "9x3x64": how the table names a head shape."""
+    return "x".join(map(str, heads))
+
+
+def measure_cores(repeats: int = 5) -> dict[str, Timings]:
+    """Seconds per attention core, dtype and row class on each of CORE_SHAPES apart: {heads_key: timings}; None where
+    a core is wrong."""
     g = torch.Generator().manual_seed(4)
-    out: Timings = {}
-    for dtype in DTYPES:
-        for rclass, rows in CORE_ROWS.items():
-            total: dict[str, float | None] = dict.fromkeys(CORES, 0.0)
-            for heads in CORE_SHAPES:
+    out: dict[str, Timings] = {}
+    for heads in CORE_SHAPES:
+        for dtype in DTYPES:
+            for rclass, rows in CORE_ROWS.items():
                 keys = CORE_DECODE_KEYS if rclass == "decode" else rows
-                for name, t in time_cores(heads, rows, keys, dtype, repeats, g).items():
-                    total[name] = _added(total[name], t)
-            out.setdefault(dtype, {})[rclass] = total
+                out.setdefault(heads_key(heads), {}).setdefault(dtype, {})[rclass] = time_cores(
+                    heads, rows, keys, dtype, repeats, g)
     return out
+
+
+def cores_for_heads(cores: dict[str, Timings], heads: Heads) -> Timings:
+    """The core timings measured on `heads`, else on the measured head shape nearest in query width (heads x head
+    dim, on a log scale: the work per query and key), as a prompt takes the nearest measured rows. {} if none."""
+    if heads_key(heads) in cores:
+        return cores[heads_key(heads)]
+    measured = [tuple(int(n) for n in key.split("x")) for key in cores]
+    if not measured:
+        return {}
+    nearest = min(measured, key=lambda m: abs(math.log(m[0] * m[2] / (heads[0] * heads[2]))))
+    return cores[heads_key(nearest)]
 
 
 def pinned_core() -> str | None:
@@ -374,15 +398,16 @@ def choose_core(cores: Timings, dtype: str, rclass: str) -> str:
     return min(times, key=times.get) if times else "sdpa"
 
 
-def core_for(dtype: str, rows: int) -> str:
-    """The attention core the fast forward uses: LLAMA3_GOLDEN_ATTENTION where set, SDPA where only the GEMM engine
-    is pinned (as the test suite pins it), else the one measured fastest here."""
+def core_for(dtype: str, rows: int, heads: Heads) -> str:
+    """The attention core the fast forward uses on `heads` (heads, kv heads, head dim): LLAMA3_GOLDEN_ATTENTION where
+    set, SDPA where only the GEMM engine is pinned (as the test suite pins it), else the one measured fastest here
+    on those heads (or the nearest measured ones)."""
     name = pinned_core()
     if name is not None:
         return name
     if pinned() is not None:
         return "sdpa"
-    return choose_core(table().get("cores", {}), dtype, core_class(rows))
+    return choose_core(cores_for_heads(table().get("cores", {}), heads), dtype, core_class(rows))
 
 
 def measure_table(repeats: int = 5) -> Timings:
@@ -402,6 +427,10 @@ def _valid(data: object, ident: dict[str, str]) -> bool:
     if not isinstance(data, dict) or data.get("identity") != ident or not isinstance(data.get("timings"), dict):
         return False
     if data.get("method") != METHOD:
+        return False
+    cores = data.get("cores", {})
+    if not isinstance(cores, dict) or not all(
+            isinstance(v, dict) and re.fullmatch(r"\d+x\d+x\d+", k) for k, v in cores.items()):
         return False
     t = data["timings"]
     return all(isinstance(t.get(d), dict) and all(isinstance(t[d].get(c), dict) for c in ROW_CLASSES) for d in DTYPES)
@@ -453,14 +482,14 @@ def describe(data: dict) -> str:
                          + f"  {choose(timings, dtype, rclass)}")
         lines.append(f"{dtype}: a generate-only process holds {generation_layout(timings, dtype)} weights")
     cores = data.get("cores") or {}
-    if cores:
-        lines += ["", "attention core, ms (heads, kv heads, head dim " + " + ".join(map(str, CORE_SHAPES))
-                  + f"; decode: one query, {CORE_DECODE_KEYS} keys)",
-                  f"{'dtype':5} {'rows':>12} " + " ".join(f"{c:>15}" for c in CORES) + "  chosen"]
+    for key, timings_of_heads in cores.items():
+        lines += ["", f"attention core, ms, heads x kv heads x head dim {key} (decode: one query, "
+                  f"{CORE_DECODE_KEYS} keys)", f"{'dtype':5} {'rows':>12} " + " ".join(f"{c:>15}" for c in CORES)
+                  + "  chosen"]
         for dtype in DTYPES:
             for rclass, rows in CORE_ROWS.items():
-                row = cores.get(dtype, {}).get(rclass, {})
+                row = timings_of_heads.get(dtype, {}).get(rclass, {})
                 cells = [f"{1e3 * row[c]:15.3f}" if row.get(c) else f"{'-':>15}" for c in CORES]
                 lines.append(f"{dtype:5} {rclass + f' ({rows})':>12} " + " ".join(cells)
-                             + f"  {choose_core(cores, dtype, rclass)}")
+                             + f"  {choose_core(timings_of_heads, dtype, rclass)}")
     return "\n".join(lines)

@@ -434,16 +434,18 @@ def grouped_query_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """
     seq = q.shape[0]
     if block is not None and seq > block:
-        return torch.cat([grouped_query_attention_matmul(q[s:s + block], k[:start_pos + s + block],
-                                                         v[:start_pos + s + block], start_pos + s)
-                          for s in range(0, seq, block)])
+        ends = [start_pos + min(s + block, seq) for s in range(0, seq, block)]  # each block's last key + 1
+        return torch.cat([grouped_query_attention_matmul(q[s:s + block], k[:end], v[:end], start_pos + s)
+                          for s, end in zip(range(0, seq, block), ends)])
     h, d = q.shape[1:]
     n_kv = k.shape[1]
     qg = q.transpose(0, 1).reshape(n_kv, h // n_kv * seq, d)  # consecutive heads share a kv head: (kv, g*seq, d)
     scores = torch.matmul(qg, k.permute(1, 2, 0)).mul_(d ** -0.5)  # (kv, g*seq, kv_len)
     scores = scores.view(n_kv, h // n_kv, seq, -1)
-    if seq > 1:
+    if k.shape[0] > start_pos + seq:  # keys past the last query's position (a cache read whole): the whole mask
         scores = scores + causal_mask(seq, k.shape[0], start_pos, scores.dtype)
+    elif seq > 1:  # only the last seq keys can be a query's future: that (seq, seq) block is all the mask there is
+        scores[..., start_pos:].add_(torch.full((seq, seq), float("-inf"), dtype=scores.dtype).triu_(1))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype).view(n_kv, -1, k.shape[0])
     return torch.matmul(probs, v.transpose(0, 1)).view(h, seq, d).transpose(0, 1)  # (seq, h, d)
 
@@ -532,12 +534,13 @@ class Engines:
     attention: str = "sdpa"  # the attention core's name in ATTENTION_CORES (impl.engines.core_for)
 
 
-def choose_engines(weights: Weights, rows: int = 1) -> Engines:
+def choose_engines(weights: Weights, config: ModelConfig, rows: int = 1) -> Engines:
     """Stacked matrices where fuse_weights made them, else one per matrix; the GEMM engine measured fastest here
-    for the weights' dtype, layout and `rows` (impl.engines: decode, short or long prompt)."""
+    for the weights' dtype, layout and `rows` (impl.engines: decode, short or long prompt), and the attention core
+    measured fastest for those rows on the config's heads."""
     dtype = _DTYPE_NAMES[weights["layers.0.attention.wo.weight"].dtype]  # a matrix every layout has
     engine = gemm.engine_for(dtype, rows, weights_layout(weights))
-    core = gemm.core_for(dtype, rows)
+    core = gemm.core_for(dtype, rows, (config.n_heads, config.n_kv_heads, config.head_dim))
     if "layers.0.attention.wqkv.weight" in weights:
         return Engines(qkv_rope_stacked, feed_forward_stacked, engine.matmul, engine.name, core)
     return Engines(qkv_rope_separate, feed_forward_separate, engine.matmul, engine.name, core)
@@ -560,8 +563,9 @@ def transformer_block_fast(x: torch.Tensor, w: Weights, i: int, config: ModelCon
     """`transformer_block` through the chosen engines, nothing reported. (seq, dim) -> (seq, dim)."""
     p = f"layers.{i}."
     xn = rms_norm(x, w[p + "attention_norm.weight"], config.norm_eps)
-    h = x + attention_fast(xn, w, i, config, freqs_cis, start_pos, cache, engines)
-    return h + engines.feed_forward(rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps), w, i, engines.matmul)
+    h = attention_fast(xn, w, i, config, freqs_cis, start_pos, cache, engines).add_(x)  # x + attention: the
+    # projection's fresh output takes the sum, one (seq, dim) temporary fewer (and the FFN's below)
+    return engines.feed_forward(rms_norm(h, w[p + "ffn_norm.weight"], config.norm_eps), w, i, engines.matmul).add_(h)
 
 
 @torch.inference_mode()
@@ -573,7 +577,7 @@ def forward_fast(tokens: torch.Tensor, weights: Weights, config: ModelConfig, st
     `prepare_for_generation`'s (possibly packed) ones.
     """
     tokens = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)  # (seq,)
-    engines = choose_engines(weights, tokens.shape[0])  # the one choice of this call, not re-made per layer
+    engines = choose_engines(weights, config, tokens.shape[0])  # the one choice of this call, not re-made per layer
     check_prompt(tokens, context_length(config, cache), start_pos=start_pos)
     x = weights["tok_embeddings.weight"][tokens]  # (seq, dim)
     freqs_cis = precompute_freqs_cis(config, tokens.shape[0], start_pos)  # (seq, d/2)

@@ -360,3 +360,18 @@ def test_regression_against_the_baseline_is_one_line_exit_1(tmp_path):
     out = done.stdout + done.stderr
     assert "Traceback" not in out
     assert "error: performance regressed" in out and "has failed PercentageRegressionCheck" in out
+
+
+@pytest.mark.parametrize("cores", [
+    {"9x3x64": {"fp32": {"long": {"sdpa": 2.5e-4, "matmul-64": 3.1e-4, "matmul-128": 3.4e-4}}},
+     "32x8x128": {"fp32": {"long": {"sdpa": 1.6e-3, "matmul-64": 1.2e-3, "matmul-128": 1.4e-3}}}},
+    {"fp32": {"long": {"sdpa": 1.85e-3, "matmul-64": 1.51e-3, "matmul-128": 1.74e-3}}},
+], ids=["per-heads", "added-of-before"])
+def test_cores_table_names_each_head_shape_and_its_choice(cores):
+    lines = chart.cores_markdown({"attention_cores": cores})
+    rows = [line for line in lines if line.startswith("| 9x3x64") or line.startswith("| 32x8x128")]
+    if "9x3x64" in cores:
+        assert rows == ["| 9x3x64 | fp32 | long (128) | 0.250 | 0.310 | 0.340 | sdpa |",
+                        "| 32x8x128 | fp32 | long (128) | 1.600 | 1.200 | 1.400 | matmul-64 |"]
+    else:  # a run of before: one row over both head shapes, as it was measured
+        assert rows == ["| 9x3x64 + 32x8x128 | fp32 | long (128) | 1.850 | 1.510 | 1.740 | matmul-64 |"]

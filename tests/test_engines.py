@@ -4,6 +4,7 @@ pinned by LLAMA3_GOLDEN_ENGINE, measured and cached per CPU identity, shown by `
 import json
 
 import pytest
+import torch
 
 from impl import cli, engines
 
@@ -162,26 +163,79 @@ def test_core_class_is_the_nearest_measured_rows(rows, want):
     assert engines.core_class(rows) == want
 
 
+SMOL, BIG = (9, 3, 64), (32, 8, 128)
+
+
 def test_core_for_pin_and_engine_pin(monkeypatch):
     monkeypatch.setenv(engines.CORE_ENV, "matmul-64")
-    assert engines.core_for("bf16", 128) == "matmul-64"
+    assert engines.core_for("bf16", 128, SMOL) == "matmul-64"
     monkeypatch.delenv(engines.CORE_ENV)
     monkeypatch.setenv(engines.ENV, "torch")  # the suite pins the GEMM engine: the core stays SDPA, as before
-    assert engines.core_for("bf16", 128) == "sdpa"
+    assert engines.core_for("bf16", 128, SMOL) == "sdpa"
     monkeypatch.setenv(engines.CORE_ENV, "flash")
     with pytest.raises(engines.EngineError, match="flash"):
-        engines.core_for("bf16", 128)
+        engines.core_for("bf16", 128, SMOL)
 
 
-def test_measure_cores_times_both_cores_and_rejects_a_wrong_one(monkeypatch):
+CORES_BY_HEADS = {"9x3x64": {"fp32": {"long": {"sdpa": 0.25, "matmul-64": 0.31, "matmul-128": 0.34}}},
+                  "32x8x128": {"fp32": {"long": {"sdpa": 1.6, "matmul-64": 1.2, "matmul-128": 1.4}}}}
+
+
+@pytest.mark.parametrize(("heads", "want"), [
+    (SMOL, "sdpa"), (BIG, "matmul-64"),  # measured on these heads: each its own choice (their sum chose matmul-64)
+    ((15, 5, 64), "sdpa"),  # SmolLM2-360M: nearest in query width (960) is SmolLM2-135M's (576), not the 8B's (4096)
+    ((32, 8, 64), "matmul-64"),  # Llama-3.2-1B: 2048 wide, nearer 4096 than 576 on a log scale
+    ((64, 8, 128), "matmul-64"),  # 70B: beyond the widest measured, the widest
+], ids=["smollm2-135m", "llama-3-8b", "smollm2-360m-nearest", "llama-3.2-1b-nearest", "70b-widest"])
+def test_core_for_chooses_on_the_models_own_heads(monkeypatch, heads, want):
+    monkeypatch.delenv(engines.ENV, raising=False)
+    monkeypatch.delenv(engines.CORE_ENV, raising=False)
+    monkeypatch.setattr(engines, "table", lambda: {"cores": CORES_BY_HEADS})
+    assert engines.core_for("fp32", 128, heads) == want
+
+
+def test_core_for_without_measured_cores_is_sdpa(monkeypatch):
+    monkeypatch.delenv(engines.ENV, raising=False)
+    monkeypatch.delenv(engines.CORE_ENV, raising=False)
+    monkeypatch.setattr(engines, "table", lambda: {})
+    assert engines.core_for("fp32", 128, SMOL) == "sdpa"
+
+
+def test_choose_engines_reads_the_configs_heads(monkeypatch):
+    """The fast forward asks for the core of its own model's heads."""
+    from impl import model
+    from impl.config import PRESETS
+
+    asked = []
+    monkeypatch.setattr(engines, "core_for", lambda dtype, rows, heads: asked.append(heads) or "sdpa")
+    config = PRESETS["tiny"]
+    w = {"layers.0.attention.wo.weight": torch.zeros(config.dim, config.dim)}
+    model.choose_engines(w, config, 128)
+    assert asked == [(config.n_heads, config.n_kv_heads, config.head_dim)]
+
+
+def test_measure_cores_times_each_head_shape_apart_and_rejects_a_wrong_core(monkeypatch):
     from impl import model
 
-    monkeypatch.setattr(engines, "CORE_SHAPES", ((4, 2, 8),))
+    monkeypatch.setattr(engines, "CORE_SHAPES", ((4, 2, 8), (2, 1, 16)))
     monkeypatch.setitem(model.ATTENTION_CORES, "matmul-64", lambda q, k, v, s: model.grouped_query_attention_sdpa(
         q, k, v, s) * 1.1)
     cores = engines.measure_cores(repeats=1)
-    assert all(cores[d][c]["sdpa"] > 0 and cores[d][c]["matmul-128"] > 0 and cores[d][c]["matmul-64"] is None
-               for d in engines.DTYPES for c in engines.CORE_ROWS)
+    assert set(cores) == {"4x2x8", "2x1x16"}
+    assert all(t[d][c]["sdpa"] > 0 and t[d][c]["matmul-128"] > 0 and t[d][c]["matmul-64"] is None
+               for t in cores.values() for d in engines.DTYPES for c in engines.CORE_ROWS)
+
+
+@pytest.mark.parametrize("cores", [[1, 2], {"fp32": {"long": {"sdpa": 1.0}}}, {"9x3x64": 1.0}],
+                         ids=["a-list", "cores-of-before-not-per-heads", "not-a-table"])
+def test_table_with_malformed_cores_is_measured_again(cache, monkeypatch, cores):
+    path = engines.cache_file()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"identity": engines.identity(), "timings": table(), "method": engines.METHOD,
+                                "cores": cores}))
+    monkeypatch.setattr(engines, "measure_table", lambda: table())
+    monkeypatch.setattr(engines, "measure_cores", lambda: {"9x3x64": {}})
+    assert engines.table()["cores"] == {"9x3x64": {}}
 
 
 def test_in_the_forward_takes_off_the_ops_own_time():

@@ -49,7 +49,7 @@ def run(c, w, seq):
     x = torch.randn(seq, c.dim).to(torch.bfloat16)
     with torch.inference_mode():
         return model.transformer_block_fast(x, w, 0, c, model.precompute_freqs_cis(c, seq), 0, None,
-                                            model.choose_engines(w, seq))
+                                            model.choose_engines(w, c, seq))
 
 seq = int(sys.argv[1])
 big = PRESETS["llama-3-8b"].replace(n_layers=1)

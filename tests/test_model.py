@@ -129,6 +129,15 @@ def test_fast_attention_cores_equal_explicit_after_cached_keys(core, q_len, star
                                model.grouped_query_attention(q, k, v, start_pos), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [None, 2], ids=["whole", "blocks-of-2"])
+def test_matmul_core_masks_keys_beyond_the_queries(block):
+    """Keys past the last query's position (a cache read whole) are masked too, not only the diagonal block."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = torch.randn(3, HEADS, D, generator=g), torch.randn(9, KV, D, generator=g), torch.randn(9, KV, D, generator=g)
+    torch.testing.assert_close(model.grouped_query_attention_matmul(q, k, v, 2, block=block),
+                               model.grouped_query_attention(q, k, v, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_matmul_core_gives_way_to_sdpa_where_its_score_block_would_not_fit():
     blocked = model.ATTENTION_CORES["matmul-128"]
     assert model.attention_core("matmul-128", 32, 8192, 8192) is blocked  # (32, 128, 8192) fp32: 128 MB a block

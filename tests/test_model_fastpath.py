@@ -94,7 +94,7 @@ def test_choose_engines_runs_the_pinned_engine(weights, engine):
     e = engines.ENGINES[engine]
     w = prepared(weights, "generation")
     want = engine if dtype in e.dtypes else "torch"
-    assert model.choose_engines(w, 17).engine == want
+    assert model.choose_engines(w, CONFIG, 17).engine == want
     assert model.weights_layout(w) == (e.layout if dtype in e.dtypes else engines.PLAIN)
 
 
@@ -145,8 +145,8 @@ def test_engine_matmul_equals_exact_product(name, dtype, rows, monkeypatch):
 
 
 def test_choose_engines_stacks_only_fused_weights(weights):
-    assert model.choose_engines(weights).qkv_rope is model.qkv_rope_separate
-    assert model.choose_engines(model.fuse_weights(weights, CONFIG)).qkv_rope is model.qkv_rope_stacked
+    assert model.choose_engines(weights, CONFIG).qkv_rope is model.qkv_rope_separate
+    assert model.choose_engines(model.fuse_weights(weights, CONFIG), CONFIG).qkv_rope is model.qkv_rope_stacked
 
 
 # ---------------------------------------------------------------- the fast forward against the goldens
