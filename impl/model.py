@@ -434,9 +434,9 @@ def grouped_query_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     """
     seq = q.shape[0]
     if block is not None and seq > block:
-        ends = [start_pos + min(s + block, seq) for s in range(0, seq, block)]  # each block's last key + 1
-        return torch.cat([grouped_query_attention_matmul(q[s:s + block], k[:end], v[:end], start_pos + s)
-                          for s, end in zip(range(0, seq, block), ends)])
+        return torch.cat([grouped_query_attention_matmul(q[s:s + block], k[:start_pos + min(s + block, seq)],
+                                                         v[:start_pos + min(s + block, seq)], start_pos + s)
+                          for s in range(0, seq, block)])  # each block against the keys up to its own last row
     h, d = q.shape[1:]
     n_kv = k.shape[1]
     qg = q.transpose(0, 1).reshape(n_kv, h // n_kv * seq, d)  # consecutive heads share a kv head: (kv, g*seq, d)

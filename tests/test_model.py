@@ -133,7 +133,8 @@ def test_fast_attention_cores_equal_explicit_after_cached_keys(core, q_len, star
 def test_matmul_core_masks_keys_beyond_the_queries(block):
     """Keys past the last query's position (a cache read whole) are masked too, not only the diagonal block."""
     g = torch.Generator().manual_seed(6)
-    q, k, v = torch.randn(3, HEADS, D, generator=g), torch.randn(9, KV, D, generator=g), torch.randn(9, KV, D, generator=g)
+    q = torch.randn(3, HEADS, D, generator=g)
+    k, v = torch.randn(9, KV, D, generator=g), torch.randn(9, KV, D, generator=g)
     torch.testing.assert_close(model.grouped_query_attention_matmul(q, k, v, 2, block=block),
                                model.grouped_query_attention(q, k, v, 2), rtol=1e-5, atol=1e-5)
 
