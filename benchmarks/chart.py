@@ -60,7 +60,7 @@ def roofs_markdown(info: dict) -> list[str]:
     theo = roofs.get("theoretical") or {}
     for dtype in ("fp32", "bf16"):
         r = roofs[dtype]
-        rows, k, n = r.get("shape", roofs["shape"])  # the shape that set it (one shape only before 2026-11-26)
+        rows, k, n = r.get("shape") or roofs["shape"]  # the shape that set it (one top-level shape before 2026-11-26)
         every = ", ".join(f"{name} {v:.0f}" for name, v in sorted(r["engines"].items(), key=lambda kv: -kv[1]))
         lines.append(f"| {dtype} GEMM ({rows}x{k} @ {k}x{n}) | {r['gflops']:.1f} GFLOP/s | {r['engine']} | {every} | "
                      + (f"{theo[dtype]:.0f} GFLOP/s" if dtype in theo else "not readable") + " |")

@@ -277,6 +277,19 @@ def test_markdown_reports_roofs_engines_and_every_target_row(tmp_path):
     assert "NOT A TRUSTWORTHY RUN" not in text
 
 
+def test_markdown_names_each_roofs_own_shape_without_a_top_level_one():
+    """roofs.measure writes the shape that set each roof under its dtype and none beside them (a run's JSON failed
+    to render: the top-level shape was read even where the dtype's own was there)."""
+    b, info = run(layer_s=(0.125, 0.125))
+    per_dtype = {k: v for k, v in ROOFS.items() if k != "shape"}
+    per_dtype["fp32"] = {**ROOFS["fp32"], "shape": [256, 1024, 1024]}
+    per_dtype["bf16"] = {**ROOFS["bf16"], "shape": [2048, 1024, 1024]}
+    info["roofs"] = per_dtype
+    text = chart.markdown({"benchmarks": b, "machine_info": info, "datetime": "2026-11-26T10:00"})
+    assert "| fp32 GEMM (256x1024 @ 1024x1024) | 100.0 GFLOP/s |" in text
+    assert "| bf16 GEMM (2048x1024 @ 1024x1024) | 300.0 GFLOP/s |" in text
+
+
 @pytest.mark.parametrize(("bf16_theoretical", "says"), [(665.0, False), (200.0, True)],
                          ids=["under-theoretical", "beats-theoretical"])
 def test_markdown_says_when_a_measured_peak_beats_the_reported_clocks_theoretical(bf16_theoretical, says):
