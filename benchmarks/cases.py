@@ -95,6 +95,11 @@ def products(op: str, config: ModelConfig) -> list[tuple[int, int]]:
     return {"attention": attention, "ffn": ffn, "layer": attention + ffn}[op]
 
 
+def _fastest(seconds: dict[str, float | None]) -> tuple[float, str]:
+    """(seconds, name) of the fastest correct one of a timing row (None: wrong or unavailable)."""
+    return min((t, n) for n, t in seconds.items() if t is not None)
+
+
 @functools.cache
 def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 5) -> dict[str, float | str]:
     """What the machine's best engines need for this block's own weight products and attention core alone (no
@@ -120,14 +125,14 @@ def engine_bound_seconds(op: str, shape: Shape, dtype_name: str, repeats: int = 
                         if not engines.ENGINES[n].second_copy}
             seconds = engines.time_products(xi, w, prepared, dtype_name,
                                             lambda fn: engines.in_the_forward(fn, between, repeats))
-            t, name = min((t, n) for n, t in seconds.items() if t is not None)
+            t, name = _fastest(seconds)
             total += t
             names.append(name)
     if op in ("attention", "layer"):  # and its attention core, at the fastest correct one on this block's heads
         c = shape.config
         cores = engines.time_cores((c.n_heads, c.n_kv_heads, c.head_dim), shape.seq, shape.past + shape.seq,
                                    dtype_name, repeats, g)
-        t, name = min((t, n) for n, t in cores.items() if t is not None)
+        t, name = _fastest(cores)
         total += t
         names.append(f"core {name}")
     return {"seconds": total, "engines": ",".join(names)}

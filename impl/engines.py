@@ -327,11 +327,14 @@ def core_class(rows: int) -> str:
 
 
 def _added(a: float | None, b: float | None) -> float | None:
-    """Two times of one engine or core added; None (wrong or unavailable) where either is."""
+    """Two times of one engine added (its large and small weight's); None (wrong or unavailable) where either is."""
     return None if a is None or b is None else a + b
 
 
-def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, repeats: int,
+Heads = tuple[int, int, int]  # (heads, kv heads, head dim)
+
+
+def time_cores(heads: Heads, rows: int, keys: int, dtype: str, repeats: int,
                generator: torch.Generator) -> dict[str, float | None]:
     """Seconds of each attention core on random (rows, h, d) queries after keys - rows cached positions, (keys, kv, d)
     keys and values; None where a core is wrong (checked once against the explicit attention in fp64)."""
@@ -348,9 +351,6 @@ def time_cores(heads: tuple[int, int, int], rows: int, keys: int, dtype: str, re
             fn = functools.partial(model.ATTENTION_CORES[name], q, k, v, start)
             out[name] = best_time(fn, repeats) if relative_error(fn(), exact) < TOLERANCE[dtype] else None
     return out
-
-
-Heads = tuple[int, int, int]  # (heads, kv heads, head dim)
 
 
 def heads_key(heads: Heads) -> str:
